@@ -1,0 +1,303 @@
+"""The pipeline's parameters: one schema for `params.yaml`, validated on load.
+
+Every key is declared here with its type and default. Loading rejects unknown keys, wrong types
+and impossible values with a message naming the dotted key (e.g. `prune.k`), so a typo in an
+`dvc exp run -S ...` override fails at once instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, with the dotted key in the message."""
+
+
+@dataclass
+class SyntheticParams:
+    entities: int = 300
+    images_per_entity: int = 10
+    image_size: int = 32
+    fewer_images: float = 0.1
+    no_images: float = 0.03
+    corrupt_images: int = 3
+    communities: int = 12
+    knows_per_entity: int = 3
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class DataParams:
+    name: Literal["synthetic", "fb15k-237-img", "wn18-img", "custom"] = "synthetic"
+    url: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    drop_unknown: bool = False
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+@dataclass
+class TinyBackboneParams:
+    vocab_size: int = 1024
+    hidden: int = 128
+    layers: int = 8
+    heads: int = 4
+    intermediate: int = 256
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+
+
+@dataclass
+class MVTCParams:
+    enabled: bool = True
+    text_view: bool = True
+    image_view: bool = True
+    heads: int = 8
+
+
+@dataclass
+class ModelParams:
+    backbone: str = "tiny"
+    tiny: TinyBackboneParams = field(default_factory=TinyBackboneParams)
+    mvtc: MVTCParams = field(default_factory=MVTCParams)
+    head: Literal["completion", "lm_head"] = "completion"
+    max_text_tokens: int = 32
+    max_image_tokens: int = 256
+
+
+@dataclass
+class EncodeParams:
+    feature_layer: int = -2
+    batch_size: int = 64
+    shard_rows: int = 4096
+
+
+@dataclass
+class PruneParams:
+    k: int = 4
+    samples: int = 256
+    heldout: float = 0.25
+    batch_size: int = 32
+    compensation: Literal["ridge", "paper", "none"] = "ridge"
+    init: Literal["closed_form", "zero"] = "closed_form"
+    target: Literal["global", "local"] = "global"
+    ridge: float = 0.01
+
+
+@dataclass
+class LoraParams:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+
+
+@dataclass
+class TrainParams:
+    lr: float = 3e-4
+    epochs: int = 6
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int | None = None
+    negatives: int = 32
+    self_denoise: bool = True
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    lora: LoraParams = field(default_factory=LoraParams)
+
+
+@dataclass
+class EvaluateParams:
+    split: Literal["valid", "test"] = "test"
+    batch_size: int = 128
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    encode: EncodeParams = field(default_factory=EncodeParams)
+    prune: PruneParams = field(default_factory=PruneParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # a single url/checksum given as a string
+            value = [value]
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads "3e-4" (no dot) as a string; accept it, reject everything else.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamsError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ParamsError(
+            f"unknown key {where}{unknown[0]} (known keys under {prefix or 'the top level'}: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ParamsError(f"{key}: {msg}")
+
+
+def _check_fraction(value: float, key: str, *, closed: bool = True) -> None:
+    _require(0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0, key, f"must be in [0, 1], got {value}")
+
+
+def validate(p: Params, num_layers: int | None = None) -> None:
+    """Value checks that types alone cannot express.
+
+    `num_layers` is the backbone's decoder depth, known only once the backbone is loaded; stages
+    that have it pass it so `prune.k` is checked against the real model.
+    """
+    s = p.data.synthetic
+    for key in ("entities", "images_per_entity", "image_size", "communities"):
+        _require(getattr(s, key) >= 1, f"data.synthetic.{key}", "must be at least 1")
+    _require(s.entities >= 10, "data.synthetic.entities", "must be at least 10")
+    for key in ("fewer_images", "no_images", "valid_fraction", "test_fraction"):
+        _check_fraction(getattr(s, key), f"data.synthetic.{key}")
+    _require(s.valid_fraction + s.test_fraction < 0.9, "data.synthetic.valid_fraction",
+             "valid_fraction + test_fraction must leave at least 10% for training")
+    _require(s.corrupt_images >= 0, "data.synthetic.corrupt_images", "must be >= 0")
+    _require(s.knows_per_entity >= 0, "data.synthetic.knows_per_entity", "must be >= 0")
+    if p.data.sha256:
+        _require(len(p.data.sha256) == len(p.data.url), "data.sha256", "give one checksum per data.url entry")
+    if p.data.name != "synthetic":
+        _require(bool(p.data.url), "data.url", f"data.name={p.data.name} needs at least one archive or directory")
+
+    t = p.model.tiny
+    for key in ("vocab_size", "hidden", "layers", "heads", "intermediate", "vision_hidden", "vision_layers",
+                "vision_heads", "image_size", "patch_size"):
+        _require(getattr(t, key) >= 1, f"model.tiny.{key}", "must be at least 1")
+    _require(t.hidden % t.heads == 0, "model.tiny.hidden", f"must be divisible by model.tiny.heads ({t.heads})")
+    _require(t.vision_hidden % t.vision_heads == 0, "model.tiny.vision_hidden",
+             f"must be divisible by model.tiny.vision_heads ({t.vision_heads})")
+    _require(t.image_size % t.patch_size == 0, "model.tiny.image_size",
+             f"must be a multiple of model.tiny.patch_size ({t.patch_size})")
+    _require(t.vocab_size >= 300, "model.tiny.vocab_size", "must be at least 300 (byte alphabet + specials)")
+    _require(p.model.mvtc.heads >= 1, "model.mvtc.heads", "must be at least 1")
+    if p.model.mvtc.enabled:
+        _require(p.model.mvtc.text_view or p.model.mvtc.image_view, "model.mvtc.text_view",
+                 "at least one MVTC view must be on (or set model.mvtc.enabled=false)")
+    _require(p.model.max_text_tokens >= 1, "model.max_text_tokens", "must be at least 1")
+    _require(p.model.max_image_tokens >= 1, "model.max_image_tokens", "must be at least 1")
+
+    _require(p.encode.batch_size >= 1, "encode.batch_size", "must be at least 1")
+    _require(p.encode.shard_rows >= 1, "encode.shard_rows", "must be at least 1")
+
+    _require(p.prune.k >= 0, "prune.k", "must be >= 0")
+    if num_layers is not None:
+        _require(p.prune.k <= num_layers, "prune.k", f"{p.prune.k} is larger than the backbone's {num_layers} decoder layers")
+    _require(p.prune.samples >= 2, "prune.samples", "must be at least 2")
+    _check_fraction(p.prune.heldout, "prune.heldout", closed=False)
+    _require(p.prune.batch_size >= 1, "prune.batch_size", "must be at least 1")
+    _require(p.prune.ridge >= 0, "prune.ridge", "must be >= 0")
+
+    tr = p.train
+    _require(tr.lr > 0, "train.lr", "must be > 0")
+    _require(tr.epochs >= 1, "train.epochs", "must be at least 1")
+    _require(tr.batch_size >= 1, "train.batch_size", "must be at least 1")
+    _require(tr.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    _require(tr.max_steps is None or tr.max_steps >= 0, "train.max_steps", "must be null or >= 0")
+    _require(tr.negatives >= 1, "train.negatives", "must be at least 1")
+    _require(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(tr.lora.r >= 1, "train.lora.r", "must be at least 1")
+    _require(tr.lora.alpha >= 1, "train.lora.alpha", "must be at least 1")
+    _check_fraction(tr.lora.dropout, "train.lora.dropout", closed=False)
+    _require(p.evaluate.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+
+
+def from_dict(raw: dict | None) -> Params:
+    params = _build(Params, raw or {}, "")
+    validate(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ParamsError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of keys")
+    try:
+        return from_dict(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def to_dict(p: Params) -> dict:
+    return dataclasses.asdict(p)
