@@ -1,0 +1,321 @@
+"""The canonical on-disk knowledge-graph format that every data source is converted into.
+
+A KG directory holds:
+
+- ``entities.parquet``  id, name, description (string), num_images (int32); row order = entity index
+- ``relations.parquet`` id, name, modality (string: "image" | "text" | "structure" | "")
+- ``train/valid/test.parquet`` head, relation, tail (int32 indices)
+- ``images.parquet``    entity (int32), slot (int16), path (string, POSIX, relative to the KG dir),
+  sorted by (entity, slot)
+- ``meta.json``         format_version, source, counts, plus source-specific keys
+
+Tables are written with explicit Arrow schemas and no pandas metadata, so the same input gives
+byte-identical files (DVC then sees no spurious change). ``meta.json`` is written last: a
+directory with a ``meta.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elmm.io import atomic_path, read_json, write_json
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+MODALITIES = ("image", "text", "structure", "")
+
+ENTITY_SCHEMA = pa.schema(
+    [("id", pa.string()), ("name", pa.string()), ("description", pa.string()), ("num_images", pa.int32())]
+)
+RELATION_SCHEMA = pa.schema([("id", pa.string()), ("name", pa.string()), ("modality", pa.string())])
+TRIPLE_SCHEMA = pa.schema([("head", pa.int32()), ("relation", pa.int32()), ("tail", pa.int32())])
+IMAGE_SCHEMA = pa.schema([("entity", pa.int32()), ("slot", pa.int16()), ("path", pa.string())])
+
+
+@dataclass
+class KnowledgeGraph:
+    """A loaded, validated KG. Indices in `triples` and `images` refer to table row order."""
+
+    root: Path
+    entities: pd.DataFrame
+    relations: pd.DataFrame
+    triples: dict[str, np.ndarray]  # split -> int64 [n, 3] (head, relation, tail)
+    images: pd.DataFrame
+    meta: dict
+
+    @property
+    def num_entities(self) -> int:
+        return len(self.entities)
+
+    @property
+    def num_relations(self) -> int:
+        return len(self.relations)
+
+    @functools.cached_property
+    def _image_entity(self) -> np.ndarray:
+        # images.parquet is sorted by (entity, slot), so an entity's rows are one contiguous run.
+        return self.images["entity"].to_numpy(dtype=np.int64)
+
+    def image_paths(self, entity: int) -> list[Path]:
+        """Absolute paths of `entity`'s images in slot order (may include unreadable files)."""
+        lo, hi = np.searchsorted(self._image_entity, [entity, entity + 1])
+        return [self.root / p for p in self.images["path"].iloc[lo:hi]]
+
+    def all_triples(self) -> np.ndarray:
+        """train, valid and test stacked, in that order."""
+        return np.concatenate([self.triples[s] for s in SPLITS], axis=0)
+
+
+# ----------------------------------------------------------------------------- parquet I/O
+
+
+def write_parquet(path: str | Path, columns: dict[str, Any], schema: pa.Schema) -> None:
+    """Write `columns` (name -> array-like) with a fixed schema, deterministically and atomically."""
+    arrays = [pa.array(_as_list_or_array(columns[f.name]), type=f.type) for f in schema]
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def _as_list_or_array(values: Any) -> Any:
+    if isinstance(values, pd.Series):
+        values = values.to_numpy()
+    if isinstance(values, np.ndarray) and values.dtype.kind in "OUS":
+        return values.tolist()  # pyarrow wants Python str for string columns
+    return values
+
+
+def _read_parquet(root: Path, name: str) -> pd.DataFrame:
+    path = root / name
+    if not path.is_file():
+        raise ValueError(f"{path}: missing file")
+    try:
+        return pq.read_table(path).to_pandas()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require_columns(df: pd.DataFrame, name: str, schema: pa.Schema) -> None:
+    for field in schema:
+        if field.name not in df.columns:
+            raise ValueError(f"{name}: missing column {field.name!r} (has {list(df.columns)})")
+
+
+def _require_int(values: np.ndarray, where: str) -> None:
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"{where}: expected integers, got dtype {values.dtype}")
+
+
+def _check_strings(df: pd.DataFrame, name: str, column: str, allow_empty: bool = True) -> None:
+    ok = df[column].map(lambda v: isinstance(v, str) and (allow_empty or v != "")).to_numpy(dtype=bool)
+    if not ok.all():
+        row = int(np.flatnonzero(~ok)[0])
+        kind = "a string" if allow_empty else "a non-empty string"
+        raise ValueError(f"{name} row {row}: {column} must be {kind}, got {df[column].iloc[row]!r}")
+
+
+def _check_unique(df: pd.DataFrame, name: str, column: str) -> None:
+    dup = df[column].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise ValueError(f"{name} row {row}: duplicate {column} {df[column].iloc[row]!r}")
+
+
+def validate_kg(
+    entities: pd.DataFrame,
+    relations: pd.DataFrame,
+    triples: dict[str, np.ndarray],
+    images: pd.DataFrame,
+) -> None:
+    """Raise ValueError naming the file (and row) of the first inconsistency found."""
+    _require_columns(entities, "entities.parquet", ENTITY_SCHEMA)
+    _require_columns(relations, "relations.parquet", RELATION_SCHEMA)
+    _require_columns(images, "images.parquet", IMAGE_SCHEMA)
+    num_e, num_r = len(entities), len(relations)
+
+    for col in ("id", "name", "description"):
+        _check_strings(entities, "entities.parquet", col, allow_empty=col == "description")
+    _check_unique(entities, "entities.parquet", "id")
+    for col in ("id", "name", "modality"):
+        _check_strings(relations, "relations.parquet", col, allow_empty=col == "modality")
+    _check_unique(relations, "relations.parquet", "id")
+    bad_mod = ~relations["modality"].isin(MODALITIES)
+    if bad_mod.any():
+        row = int(np.flatnonzero(bad_mod.to_numpy())[0])
+        raise ValueError(
+            f"relations.parquet row {row}: modality {relations['modality'].iloc[row]!r} not in {MODALITIES}"
+        )
+
+    for split in SPLITS:
+        name = f"{split}.parquet"
+        if split not in triples:
+            raise ValueError(f"{name}: missing split {split!r}")
+        arr = np.asarray(triples[split])
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            raise ValueError(f"{name}: expected an [n, 3] array of (head, relation, tail), got shape {arr.shape}")
+        if len(arr) == 0:
+            raise ValueError(f"{name}: empty split")
+        _require_int(arr, name)
+        for col, limit in ((0, num_e), (1, num_r), (2, num_e)):
+            bad = (arr[:, col] < 0) | (arr[:, col] >= limit)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                column = TRIPLE_SCHEMA.names[col]
+                raise ValueError(f"{name} row {row}: {column} {arr[row, col]} out of range [0, {limit})")
+        _, first = np.unique(arr, axis=0, return_index=True)
+        if len(first) != len(arr):
+            dup = np.ones(len(arr), dtype=bool)
+            dup[first] = False
+            row = int(np.flatnonzero(dup)[0])
+            earlier = int(np.flatnonzero((arr == arr[row]).all(axis=1))[0])
+            raise ValueError(f"{name} row {row}: duplicate triple {tuple(arr[row].tolist())} (same as row {earlier})")
+
+    ent = images["entity"].to_numpy()
+    slot = images["slot"].to_numpy()
+    _require_int(ent, "images.parquet column 'entity'")
+    _require_int(slot, "images.parquet column 'slot'")
+    bad = (ent < 0) | (ent >= num_e)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"images.parquet row {row}: entity {ent[row]} out of range [0, {num_e})")
+    _check_strings(images, "images.parquet", "path", allow_empty=False)
+    for row, p in enumerate(images["path"]):
+        # Paths must stay inside the KG dir so the directory can be moved or cached by DVC.
+        pp = PurePosixPath(p)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in p:
+            raise ValueError(f"images.parquet row {row}: path {p!r} must be a relative POSIX path inside the KG dir")
+    if len(ent) > 1:
+        order_bad = (ent[1:] < ent[:-1]) | ((ent[1:] == ent[:-1]) & (slot[1:] <= slot[:-1]))
+        if order_bad.any():
+            row = int(np.flatnonzero(order_bad)[0]) + 1
+            raise ValueError(f"images.parquet row {row}: rows not sorted by (entity, slot) or duplicate slot")
+
+    counts = np.bincount(ent.astype(np.int64), minlength=num_e) if len(ent) else np.zeros(num_e, np.int64)
+    if len(slot) and ((slot < 0) | (slot >= counts[ent])).any():
+        row = int(np.flatnonzero((slot < 0) | (slot >= counts[ent]))[0])
+        raise ValueError(
+            f"images.parquet row {row}: slot {slot[row]} not in 0..{counts[ent[row]] - 1} for entity {ent[row]}"
+        )
+    num_images = entities["num_images"].to_numpy()
+    _require_int(num_images, "entities.parquet column 'num_images'")
+    bad = num_images != counts
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"entities.parquet row {row}: num_images={num_images[row]} but images.parquet lists {counts[row]} images"
+        )
+
+
+# ----------------------------------------------------------------------------- write / load
+
+
+def write_kg(
+    root: str | Path,
+    entities: pd.DataFrame,
+    relations: pd.DataFrame,
+    triples: dict[str, np.ndarray],
+    images: pd.DataFrame,
+    meta: dict,
+) -> None:
+    """Validate and write a KG in the canonical format (each file atomically, meta.json last).
+
+    `images` is sorted by (entity, slot) here. If `entities` has no `num_images` column it is
+    derived from `images`. `meta` must contain "source"; counts and format_version are filled in.
+    """
+    root = Path(root)
+    if "source" not in meta:
+        raise ValueError("meta.json: missing key 'source'")
+    images = images.sort_values(["entity", "slot"], kind="stable").reset_index(drop=True) if len(images) else images
+    if "num_images" not in entities.columns and "entity" in images.columns:
+        counts = np.bincount(images["entity"].to_numpy(dtype=np.int64), minlength=len(entities))
+        entities = entities.assign(num_images=counts[: len(entities)])
+    triples = {s: np.asarray(t) for s, t in triples.items()}
+    validate_kg(entities, relations, triples, images)
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_parquet(root / "entities.parquet", {c: entities[c] for c in ENTITY_SCHEMA.names}, ENTITY_SCHEMA)
+    write_parquet(root / "relations.parquet", {c: relations[c] for c in RELATION_SCHEMA.names}, RELATION_SCHEMA)
+    for split in SPLITS:
+        t = triples[split].astype(np.int32)
+        write_parquet(root / f"{split}.parquet", {"head": t[:, 0], "relation": t[:, 1], "tail": t[:, 2]}, TRIPLE_SCHEMA)
+    write_parquet(
+        root / "images.parquet",
+        {
+            "entity": images["entity"].to_numpy(dtype=np.int32),
+            "slot": images["slot"].to_numpy(dtype=np.int16),
+            "path": images["path"],
+        },
+        IMAGE_SCHEMA,
+    )
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        "source": meta["source"],
+        "num_entities": len(entities),
+        "num_relations": len(relations),
+        "num_triples": {s: int(len(triples[s])) for s in SPLITS},
+    }
+    full_meta.update({k: v for k, v in meta.items() if k not in full_meta})
+    write_json(root / "meta.json", full_meta)
+
+
+def load_kg(root: str | Path) -> KnowledgeGraph:
+    """Load and validate a KG directory; ValueError names the offending file."""
+    root = Path(root).resolve()
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path}: missing file")
+    meta = read_json(meta_path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+
+    entities = _read_parquet(root, "entities.parquet")
+    relations = _read_parquet(root, "relations.parquet")
+    images = _read_parquet(root, "images.parquet")
+    triples: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        df = _read_parquet(root, f"{split}.parquet")
+        _require_columns(df, f"{split}.parquet", TRIPLE_SCHEMA)
+        arr = df[TRIPLE_SCHEMA.names].to_numpy()
+        _require_int(arr, f"{split}.parquet")
+        triples[split] = arr.astype(np.int64)
+    validate_kg(entities, relations, triples, images)
+
+    expected = {"num_entities": len(entities), "num_relations": len(relations)}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{meta_path}: {key}={meta.get(key)!r} but the tables have {value}")
+    counts = {s: len(triples[s]) for s in SPLITS}
+    if meta.get("num_triples") != counts:
+        raise ValueError(f"{meta_path}: num_triples={meta.get('num_triples')!r} but the tables have {counts}")
+    return KnowledgeGraph(root=root, entities=entities, relations=relations, triples=triples, images=images, meta=meta)
+
+
+def coverage(kg: KnowledgeGraph) -> dict:
+    """The data report (metrics/data.json): sizes, image coverage, and the ranking candidate set."""
+    counts = kg.entities["num_images"].to_numpy()
+    return {
+        "source": kg.meta.get("source", ""),
+        "entities": int(kg.num_entities),
+        "relations": int(kg.num_relations),
+        "triples": {split: int(len(kg.triples[split])) for split in SPLITS},
+        "images": int(counts.sum()),
+        "entities_by_images": {
+            "0": int((counts == 0).sum()),
+            "1-9": int(((counts >= 1) & (counts <= 9)).sum()),
+            "10+": int((counts >= 10).sum()),
+        },
+        # Ranking scores every entity of the KG (the filtered setting removes known answers).
+        "candidates": int(kg.num_entities),
+        "corrupt_images_known": int(kg.meta.get("corrupt_images", 0)),
+    }
