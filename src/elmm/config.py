@@ -72,7 +72,7 @@ class ModelParams:
     tiny: TinyBackboneParams = field(default_factory=TinyBackboneParams)
     mvtc: MVTCParams = field(default_factory=MVTCParams)
     head: Literal["completion", "lm_head"] = "completion"
-    max_text_tokens: int = 32
+    max_text_tokens: int = 16
     max_image_tokens: int = 256
 
 
@@ -105,7 +105,7 @@ class LoraParams:
 @dataclass
 class TrainParams:
     lr: float = 3e-4
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int | None = None

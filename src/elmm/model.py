@@ -1,0 +1,225 @@
+"""The ELMM model: multi-view visual token compression, the decoder, and the completion layer.
+
+One query = a known entity (its stored image tokens and its text) plus a relation and a direction.
+
+    image tokens I_t [N*M, Dv] --projector (frozen)--> [N*M, D]
+    textual view:  X_t = maxpool(token embeddings of entity + relation text)   -> H tokens
+    visual view:   X_i = maxpool(projected CLS tokens of the N images)          -> H tokens
+    decoder input: [<s>, I_image (H), I_text (H), text tokens]
+    completion:    E_m = [maxpool(h at image positions), h at entity token, h at relation token]
+                   scores = Linear(3D, E)(Linear(3D, 3D)(E_m))
+
+Choices where the paper is silent (README, "Model"):
+- Per-head value projections are D x D as written (V_i = I_t W_i^V); they start as the identity,
+  so an untrained view is attention pooling of the projected image tokens (the decoder's own
+  input distribution) rather than a random projection of it.
+- An entity without images gets no image tokens: its image positions are masked out of the
+  decoder's attention and E_image is zero.
+- `head="lm_head"` (the paper's "head layer" ablation) scores entities with a learned entity
+  embedding (Linear(D, E)) on the final hidden state of the last prompt token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+from .prompt import TextBatch
+from .pruning.layers import PrunedDecoderLayer
+
+
+@dataclass
+class ELMMConfig:
+    num_entities: int
+    mvtc_enabled: bool = True
+    text_view: bool = True
+    image_view: bool = True
+    heads: int = 8
+    head: str = "completion"
+    max_image_tokens: int = 256
+    pruned_layers: list[int] = field(default_factory=list)
+    compensation: str = "none"  # ridge | paper | none: whether pruned layers carry a W_c
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params, num_entities: int, pruned_layers=(), compensation: str = "none") -> "ELMMConfig":
+        m = params.model
+        return cls(
+            num_entities=num_entities,
+            mvtc_enabled=m.mvtc.enabled,
+            text_view=m.mvtc.text_view,
+            image_view=m.mvtc.image_view,
+            heads=m.mvtc.heads,
+            head=m.head,
+            max_image_tokens=m.max_image_tokens,
+            pruned_layers=sorted(pruned_layers),
+            compensation=compensation,
+        )
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max over `dim` of the positions where mask is True; zero where no position is."""
+    filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim)
+    return torch.where(torch.isfinite(filled), filled, torch.zeros_like(filled))
+
+
+class MVTCView(nn.Module):
+    """One view of the compressor: H heads, each pooling all image tokens into one D-wide token.
+
+    head_i = softmax(q W_i^Q (I W_i^K)^T / sqrt(d)) I W_i^V, with d = D / H.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = max(1, dim // heads)
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.v = nn.Parameter(torch.eye(dim).repeat(heads, 1, 1))  # [H, D, D], identity start
+        nn.init.normal_(self.q.weight, std=dim**-0.5)
+        nn.init.normal_(self.k.weight, std=dim**-0.5)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]; masked tokens get zero weight."""
+        b, t, _ = tokens.shape
+        q = self.q(query).view(b, self.heads, self.head_dim)
+        k = self.k(tokens).view(b, t, self.heads, self.head_dim)
+        logits = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(self.head_dim)
+        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-masked row -> zeros
+        pooled = torch.einsum("bht,btd->bhd", weights, tokens)
+        # Applying W_i^V after pooling is the same product, and costs H*D*D instead of T*H*D*D.
+        return torch.einsum("bhd,hde->bhe", pooled, self.v)
+
+
+class CompletionLayer(nn.Module):
+    """E_m [B, 3D] -> E'_m = Linear(3D, 3D)(E_m) -> scores = Linear(3D, num_entities)(E'_m)."""
+
+    def __init__(self, dim: int, num_entities: int):
+        super().__init__()
+        self.proj = nn.Linear(3 * dim, 3 * dim)
+        self.entities = nn.Linear(3 * dim, num_entities)
+
+    def query(self, e_image: torch.Tensor, e_entity: torch.Tensor, e_relation: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([e_image, e_entity, e_relation], dim=-1))
+
+
+@dataclass
+class QueryOutput:
+    scores: torch.Tensor  # [B, num_entities]
+    query: torch.Tensor  # [B, Q] the vector the entity rows are dotted with (E'_m, or h for lm_head)
+    image_tokens: int  # image tokens entering the decoder per query (block width)
+
+
+class ELMM(nn.Module):
+    def __init__(self, backbone: Backbone, config: ELMMConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.llm = backbone.model  # registered so .to(), state_dict and peft see the real modules
+        dim = backbone.hidden_size
+        c = config
+        self.text_view = MVTCView(dim, c.heads) if c.mvtc_enabled and c.text_view else None
+        self.image_view = MVTCView(dim, c.heads) if c.mvtc_enabled and c.image_view else None
+        if c.head == "completion":
+            self.completion = CompletionLayer(dim, c.num_entities)
+        elif c.head == "lm_head":
+            self.entity_embedding = nn.Linear(dim, c.num_entities)
+        else:
+            raise ValueError(f"model.head: unknown head {c.head!r}")
+
+    # ---- inputs -------------------------------------------------------------------------
+    def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
+                    text_embeds: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image tokens entering the decoder: [B, P, D] and their mask [B, P]."""
+        b, n, m, _ = patches.shape
+        dtype = text_embeds.dtype
+        tokens = self.backbone.projector(patches.to(dtype)).reshape(b, n * m, -1)
+        token_mask = slot_mask.repeat_interleave(m, dim=1)
+        if not self.config.mvtc_enabled:
+            cap = self.config.max_image_tokens  # slots fill from 0, so the cap keeps real tokens first
+            return tokens[:, :cap], token_mask[:, :cap]
+        views = []
+        has_images = slot_mask.any(dim=1)
+        if self.image_view is not None:
+            cls_proj = self.backbone.projector(cls.to(dtype))
+            views.append(self.image_view(masked_max(cls_proj, slot_mask, 1), tokens, token_mask))
+        if self.text_view is not None:
+            views.append(self.text_view(masked_max(text_embeds, text_mask, 1), tokens, token_mask))
+        block = torch.cat(views, dim=1)
+        return block, has_images[:, None].expand(b, block.shape[1])
+
+    def forward(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor, text: TextBatch) -> QueryOutput:
+        device = self.llm.device if hasattr(self.llm, "device") else patches.device
+        ids, text_mask = text.ids.to(device), text.mask.to(device)
+        text_embeds = self.backbone.embed_tokens(ids)
+        images, image_mask = self.image_block(patches.to(device), cls.to(device), slot_mask.to(device), text_embeds, text_mask)
+        b, p = image_mask.shape
+        bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.tokenizer.bos_token_id, device=device))
+        embeds = torch.cat([bos, images.to(text_embeds.dtype), text_embeds], dim=1)
+        attention_mask = self.decoder_mask(image_mask, text_mask)
+        hidden = self.backbone.decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
+        rows = torch.arange(b, device=device)
+        e_entity = hidden[rows, 1 + p + text.entity_pos.to(device)]
+        e_relation = hidden[rows, 1 + p + text.relation_pos.to(device)]
+        if self.config.head == "completion":
+            e_image = masked_max(hidden[:, 1:1 + p], image_mask, 1)
+            query = self.completion.query(e_image, e_entity, e_relation)
+            scores = self.completion.entities(query)
+        else:
+            query = e_relation
+            scores = self.entity_embedding(query)
+        return QueryOutput(scores=scores, query=query, image_tokens=p)
+
+    @staticmethod
+    def decoder_mask(image_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + P + L] True at real positions of the decoder input [<s>, image block, text]."""
+        ones = torch.ones(image_mask.shape[0], 1, dtype=torch.bool, device=image_mask.device)
+        return torch.cat([ones, image_mask, text_mask.to(image_mask.device)], dim=1)
+
+    def image_mask(self, slot_mask: torch.Tensor, tokens_per_slot: int) -> torch.Tensor:
+        """The image block's mask [B, P] without computing the block (same rule as image_block)."""
+        if not self.config.mvtc_enabled:
+            return slot_mask.repeat_interleave(tokens_per_slot, dim=1)[:, : self.config.max_image_tokens]
+        views = int(self.text_view is not None) + int(self.image_view is not None)
+        return slot_mask.any(dim=1)[:, None].expand(-1, views * self.config.heads)
+
+    # ---- parameters ---------------------------------------------------------------------
+    def elmm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The components ELMM adds and trains (MVTC, head, compensation), not the backbone."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        for layer in self.backbone.layers:
+            if isinstance(layer, PrunedDecoderLayer) and layer.compensation is not None:
+                state[f"compensation.{layer.index}"] = layer.compensation
+        return state
+
+
+def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 15: -log sigma(s_target) - mean over valid negatives of log(1 - sigma(s_neg)), batch mean.
+
+    `negatives` [B, K] entity indices, `negative_mask` [B, K] False for slots to ignore (a sampled
+    entity that is in fact a true answer).
+    """
+    pos = F.logsigmoid(scores.gather(1, targets[:, None]).squeeze(1))
+    neg_terms = F.logsigmoid(-scores.gather(1, negatives)) * negative_mask
+    neg = neg_terms.sum(1) / negative_mask.sum(1).clamp(min=1)
+    return -(pos + neg).mean()
+
+
+def sample_negatives(anchors: torch.Tensor, known: torch.Tensor, num: int, self_denoise: bool,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` uniform negatives per query, masked where they are known answers (`known` [B, E]),
+    plus the query's own entity as a hard negative (self-denoising) when asked."""
+    b, e = known.shape
+    neg = torch.randint(0, e, (b, num), generator=generator)
+    if self_denoise:
+        neg = torch.cat([neg, anchors[:, None].cpu()], dim=1)
+    mask = ~known.cpu().gather(1, neg)
+    return neg, mask

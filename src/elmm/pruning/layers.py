@@ -1,0 +1,194 @@
+"""Attention pruning on the real decoder layers: similarity analysis and bottom-up calibration.
+
+A decoder layer computes  h = x + attn(LN1(x));  y = h + mlp(LN2(h)).
+A pruned layer computes   h = x + x W_c  (or h = x with no compensation);  y = h + mlp(LN2(h)),
+with no attention module at all: no Q/K/V projections, no KV cache, no attention kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .compensation import CompensationAccumulator, ErrorMeter
+
+
+class PrunedDecoderLayer(nn.Module):
+    """Drop-in replacement for an HF decoder layer whose attention sub-block is removed."""
+
+    def __init__(self, layer: nn.Module, compensation: torch.Tensor | None, index: int):
+        super().__init__()
+        self.index = index
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+        self.compensation = None if compensation is None else nn.Parameter(compensation.clone().float())
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        h = hidden_states
+        if self.compensation is not None:
+            h = h + h @ self.compensation.to(h.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def prune_layers(layers: nn.ModuleList, weights: dict[int, torch.Tensor | None]) -> None:
+    """Replace each layer index in `weights` by a PrunedDecoderLayer with that W_c (or none)."""
+    for index, w in weights.items():
+        if isinstance(layers[index], PrunedDecoderLayer):
+            raise ValueError(f"decoder layer {index} is already pruned")
+        layers[index] = PrunedDecoderLayer(layers[index], w, index)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the needed activations are captured."""
+
+
+def _layer_input(args, kwargs) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@torch.no_grad()
+def measure_similarity(layers: nn.ModuleList, run: Callable[[dict], torch.Tensor], batches: Iterable[dict]) -> list[float]:
+    """Mean per-token cosine similarity between each attention sub-block's input and output.
+
+    `run(batch)` runs the model's forward on one batch and returns the decoder's attention mask
+    [B, T] (True = real token). Hooks read the residual stream entering each layer and the
+    attention output, so the model's numerics are untouched. Computed in float32, padding
+    excluded, averaged over all real tokens of all batches.
+    """
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        def pre(module, args, kwargs, i=i):
+            captured[("x", i)] = _layer_input(args, kwargs)
+
+        def post(module, args, kwargs, output, i=i):
+            captured[("a", i)] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(post, with_kwargs=True))
+    try:
+        for batch in batches:
+            captured.clear()
+            mask = run(batch).bool()
+            for i in range(len(layers)):
+                x = captured[("x", i)].float()
+                out = x + captured[("a", i)].float()
+                cos = torch.nn.functional.cosine_similarity(x, out, dim=-1)
+                sums[i] += cos[mask].double().sum().cpu()
+            count += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).tolist()
+
+
+def rank_layers(similarity: list[float]) -> list[int]:
+    """Layer indices from most to least similar: the first K are the ones to prune."""
+    return sorted(range(len(similarity)), key=lambda i: (-similarity[i], i))
+
+
+@contextlib.contextmanager
+def _capture_layer(layer: nn.Module, want_attention: bool):
+    """Capture the input x of `layer` (and its attention output), then stop the forward pass."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre(module, args, kwargs):
+        store["x"] = _layer_input(args, kwargs)
+        if not want_attention:
+            raise _Stop
+
+    handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    if want_attention:
+        def post(module, args, kwargs, output):
+            store["a"] = output[0] if isinstance(output, tuple) else output
+            raise _Stop
+
+        handles.append(layer.self_attn.register_forward_hook(post, with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_until(run, batch) -> torch.Tensor:
+    mask_holder = {}
+    try:
+        mask_holder["m"] = run(batch)
+    except _Stop:
+        pass
+    return batch["decoder_mask"]
+
+
+@dataclass
+class LayerCalibration:
+    layer: int
+    weight: torch.Tensor | None  # the W_c installed (None: plain residual)
+    errors: dict  # {method: {split: {target: ErrorMeter.result()}}}
+
+
+@torch.no_grad()
+def calibrate_bottom_up(layers: nn.ModuleList, selected: list[int], run: Callable[[dict], torch.Tensor],
+                        fit_batches: list[dict], heldout_batches: list[dict], *, method: str, target: str,
+                        damp: float, init: str, progress: Callable[[str], None] = print) -> list[LayerCalibration]:
+    """Prune `selected` layers in ascending order, fitting each W_c with lower layers already pruned.
+
+    For layer l and each batch: x = the residual stream entering layer l in the current (partly
+    pruned) model; local target eps = attn_l(LN(x)), the original attention on the current input;
+    global target eps = h_l - x, with h_l the unpruned model's hidden state after layer l's
+    attention sub-block. W_c is fitted to the `target` eps with `method`; the errors of every
+    method against both targets are reported on fit and held-out tokens. With init="zero" the
+    installed W_c is zero (trained later), but the closed-form errors are still reported.
+    Every batch dict must hold "decoder_mask" [B, T] (True = real token), filled in by `run`.
+    """
+    original = {i: layers[i] for i in range(len(layers))}
+    results = []
+    for l in sorted(selected):
+        captures = {"fit": [], "heldout": []}
+        for split, batches in (("fit", fit_batches), ("heldout", heldout_batches)):
+            for batch in batches:
+                # Unpruned model: hidden state after layer l's attention sub-block.
+                pruned_now = {i: layers[i] for i in range(len(layers)) if layers[i] is not original[i]}
+                for i in pruned_now:
+                    layers[i] = original[i]
+                with _capture_layer(layers[l], want_attention=True) as ref:
+                    mask = _run_until(run, batch)
+                for i, layer in pruned_now.items():
+                    layers[i] = layer
+                h_ori = (ref["x"] + ref["a"]).float()
+                with _capture_layer(layers[l], want_attention=True) as cur:
+                    _run_until(run, batch)
+                x = cur["x"].float()
+                m = mask.bool().to(x.device)
+                captures[split].append((x[m].cpu(), {"local": cur["a"].float()[m].cpu(), "global": (h_ori - x)[m].cpu()}))
+        acc = CompensationAccumulator(x.shape[-1])
+        for xs, eps in captures["fit"]:
+            acc.update(xs, eps[target])
+        solutions = {name: acc.solve(name, damp) for name in ("ridge", "paper", "none")}
+        errors = {}
+        for name, w in solutions.items():
+            errors[name] = {}
+            for split in ("fit", "heldout"):
+                errors[name][split] = {}
+                for tgt in ("local", "global"):
+                    meter = ErrorMeter()
+                    for xs, eps in captures[split]:
+                        meter.update(xs, eps[tgt], None if name == "none" else w)
+                    errors[name][split][tgt] = meter.result()
+        if method == "none":
+            installed = None
+        else:
+            installed = torch.zeros_like(solutions[method]) if init == "zero" else solutions[method]
+        prune_layers(layers, {l: installed})
+        after = errors[method if method != "none" else "none"]["heldout"][target]
+        progress(f"calibrate: layer {l} pruned ({method}, target {target}); held-out error "
+                 f"{after['before']:.4g} -> {after['after']:.4g}")
+        results.append(LayerCalibration(l, installed, errors))
+    return results

@@ -1,0 +1,29 @@
+"""Shared by the stage scripts: run from the repository root, load params, pick a device."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from elmm.config import ParamsError, load_params
+
+
+def params():
+    try:
+        return load_params("params.yaml")
+    except ParamsError as e:
+        sys.exit(f"error: {e}")
+
+
+def device() -> torch.device:
+    # ELMM_DEVICE lets a user force cpu on a GPU machine; otherwise use the GPU when there is one.
+    return torch.device(os.environ.get("ELMM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def setup(seed: int) -> None:
+    torch.manual_seed(seed)
+    # Two CPU cores by default in CI; more threads than cores only adds contention.
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
