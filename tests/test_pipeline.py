@@ -1,0 +1,173 @@
+"""The real pipeline, end to end, on a micro config in a temporary git + DVC repository.
+
+Runs `dvc repro`, checks dvc.lock and the metrics files, that a second `dvc repro` runs nothing,
+that changing a param reruns exactly the stages that read it, and that `dvc exp run -S` records
+an experiment `dvc exp show` lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["download", "encode", "similarity", "calibrate", "train", "evaluate"]
+
+MICRO = {
+    "data": {"synthetic": {"entities": 24, "images_per_entity": 3, "image_size": 16, "corrupt_images": 1,
+                           "communities": 3, "knows_per_entity": 2}},
+    "model": {"tiny": {"vocab_size": 300, "hidden": 32, "layers": 4, "heads": 2, "intermediate": 64,
+                       "vision_hidden": 16, "vision_layers": 1, "vision_heads": 2, "image_size": 16, "patch_size": 8},
+              "mvtc": {"heads": 2}},
+    "encode": {"batch_size": 16, "shard_rows": 32},
+    "prune": {"k": 2, "samples": 24, "batch_size": 8},
+    "train": {"epochs": 1, "batch_size": 16, "negatives": 4, "warmup_steps": 1},
+    "evaluate": {"batch_size": 32},
+}
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([a-z]+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", "stages", "src", "pyproject.toml"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / name)
+    for cache in path.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), MICRO)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc-global"),
+        "DVC_SITE_CACHE_DIR": str(home / "dvc-site"),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        # the stages import the copied library, and run with the test's interpreter
+        "PYTHONPATH": str(path / "src"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "init", "-q", "-b", "main"], path, env)
+    run(dvc + ["init", "-q"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "micro pipeline"], path, env)
+    first = run(dvc + ["repro"], path, env)
+    return path, env, dvc, first
+
+
+@pytest.mark.integration
+def test_repro_runs_every_stage_and_locks_them(repo):
+    path, env, dvc, first = repo
+    assert stages_run(first) == STAGES
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == sorted(STAGES)
+    for name in STAGES:
+        entry = lock["stages"][name]
+        assert entry["deps"], name
+        assert "params" in entry, f"{name} declares no params"
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.integration
+def test_metrics_files_have_the_documented_keys(repo):
+    path, *_ = repo
+    ev = json.loads((path / "metrics/evaluate.json").read_text())
+    for key in ("mr", "mrr", "hits_at_1", "hits_at_3", "hits_at_10", "head", "tail", "per_relation", "candidates",
+                "amr", "mrr_optimistic", "mrr_pessimistic", "efficiency"):
+        assert key in ev, key
+    assert 0 < ev["mrr"] <= 1 and 1 <= ev["mr"] <= ev["candidates"]
+    assert ev["efficiency"]["image_tokens_per_query"] == 4  # 2 views x 2 heads
+    data = json.loads((path / "metrics/data.json").read_text())
+    assert data["entities"] == ev["candidates"]
+    assert set(data["entities_by_images"]) == {"0", "1-9", "10+"}
+    enc = json.loads((path / "metrics/encode.json").read_text())
+    assert enc["skipped"] == 1 and enc["encoded"] == enc["images"] - 1  # the deliberately corrupt image
+    sim = json.loads((path / "metrics/similarity.json").read_text())
+    assert len(sim["similarity"]) == 4 and sorted(sim["ranking"]) == [0, 1, 2, 3]
+    cal = json.loads((path / "metrics/calibrate.json").read_text())
+    assert cal["layers"] == sorted(sim["ranking"][:2])
+    assert {"ridge", "paper"} <= set(cal["total"])
+    train = json.loads((path / "metrics/train/metrics.json").read_text())
+    assert "train" in train and "valid" in train
+
+
+@pytest.mark.integration
+def test_second_repro_is_up_to_date_and_params_rerun_exact_stages(repo):
+    path, env, dvc, _ = repo
+    assert stages_run(run(dvc + ["repro"], path, env)) == []
+    params_file = path / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["train"]["lr"] = 1e-3
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert stages_run(run(dvc + ["repro"], path, env)) == ["train", "evaluate"]
+        params["train"]["lr"] = 3e-4
+        params["prune"]["k"] = 1
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert stages_run(run(dvc + ["repro"], path, env)) == ["calibrate", "train", "evaluate"]
+    finally:
+        params_file.write_text(original)
+    # Back to the original params: DVC's run cache restores those outputs without running anything.
+    assert stages_run(run(dvc + ["repro"], path, env)) == []
+    assert stages_run(run(dvc + ["repro", "--dry"], path, env)) == []
+
+
+@pytest.mark.integration
+def test_exp_run_with_override_is_listed_by_exp_show(repo):
+    path, env, dvc, _ = repo
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "baseline results"], path, env)
+    out = run(dvc + ["exp", "run", "-S", "train.lr=2e-3"], path, env)  # a value not in the run cache
+    assert stages_run(out) == ["train", "evaluate"]
+    rows = json.loads(run(dvc + ["exp", "show", "--json"], path, env))
+    text = json.dumps(rows)
+    assert '"lr": 0.002' in text and "hits_at_10" in text
+
+
+@pytest.mark.integration
+def test_bad_param_fails_naming_the_key(repo):
+    path, env, *_ = repo
+    params_file = path / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["prune"]["k"] = 9  # more than the 4 decoder layers
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = subprocess.run([sys.executable, "stages/calibrate.py"], cwd=path, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "prune.k" in proc.stderr and "4 decoder layers" in proc.stderr
+    finally:
+        params_file.write_text(original)
