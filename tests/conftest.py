@@ -1,0 +1,106 @@
+"""Shared fixtures: a micro LLaVA backbone, a tiny synthetic KG and its encoded image tokens.
+
+Everything is built once per session in a temporary directory (a few seconds on CPU). Loading the
+backbone is cheap, so tests that mutate it (pruning, LoRA injection) load their own copy through
+the `load_micro_backbone` / `make_workspace` factories; the session-scoped `micro_backbone` and
+`micro_workspace` must be treated as read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from elmm.backbone import build_tiny_backbone, load_backbone
+from elmm.config import TinyBackboneParams, from_dict
+from elmm.kg.format import load_kg
+from elmm.kg.synthetic import generate_synthetic
+from elmm.vision import encode_kg_images, finalize_encoding
+from elmm.workspace import open_workspace
+
+MICRO = TinyBackboneParams(vocab_size=300, hidden=32, layers=3, heads=2, intermediate=64, vision_hidden=16,
+                           vision_layers=1, vision_heads=2, image_size=16, patch_size=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroEnv:
+    kg_dir: Path
+    backbone_dir: Path
+    encoded_dir: Path
+    params: object  # elmm.config.Params
+
+    def params_with(self, **model) -> object:
+        """A copy of the params with `model.<key>` overridden (mvtc is a dict of MVTCParams keys)."""
+        raw = _raw_params()
+        for key, value in model.items():
+            if isinstance(value, dict):
+                raw["model"][key].update(value)
+            else:
+                raw["model"][key] = value
+        return from_dict(raw)
+
+
+def _raw_params() -> dict:
+    return {
+        "seed": 0,
+        "data": {"synthetic": {"entities": 20, "images_per_entity": 3, "image_size": 16}},
+        "model": {
+            "tiny": dataclasses.asdict(MICRO),
+            "mvtc": {"enabled": True, "text_view": True, "image_view": True, "heads": 2},
+            "head": "completion",
+            "max_text_tokens": 8,
+            "max_image_tokens": 256,
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def micro_env(tmp_path_factory) -> MicroEnv:
+    root = tmp_path_factory.mktemp("micro")
+    kg_dir, backbone_dir, encoded_dir = root / "kg", root / "backbone", root / "encoded"
+    generate_synthetic(kg_dir, seed=0, entities=20, images_per_entity=3, image_size=16, progress=False)
+    kg = load_kg(kg_dir)
+    texts = (kg.entities["name"].tolist() + kg.entities["description"].tolist() + kg.relations["name"].tolist()
+             + ["entity: , relation: inverse of"])
+    build_tiny_backbone(backbone_dir, MICRO, texts, seed=0)
+    backbone = load_backbone(backbone_dir)
+    result = encode_kg_images(kg, backbone, encoded_dir, feature_layer=-2, batch_size=16, shard_rows=4096,
+                              metadata={"params_hash": "tests"}, num_workers=0)
+    finalize_encoding(encoded_dir, result.shards)
+    return MicroEnv(kg_dir, backbone_dir, encoded_dir, from_dict(_raw_params()))
+
+
+@pytest.fixture(scope="session")
+def load_micro_backbone(micro_env):
+    """Factory: a fresh, independent copy of the micro backbone (safe to prune / inject LoRA into)."""
+    return lambda: load_backbone(micro_env.backbone_dir)
+
+
+@pytest.fixture(scope="session")
+def micro_backbone(load_micro_backbone):
+    """A shared micro backbone. Read-only: never prune it or inject adapters into it."""
+    return load_micro_backbone()
+
+
+@pytest.fixture(scope="session")
+def make_workspace(micro_env):
+    """Factory: a fresh Workspace (own backbone copy) over the tiny synthetic KG."""
+    def make(params=None):
+        return open_workspace(params or micro_env.params, micro_env.kg_dir, micro_env.backbone_dir,
+                              micro_env.encoded_dir)
+    return make
+
+
+@pytest.fixture(scope="session")
+def micro_workspace(make_workspace):
+    """A shared Workspace. Read-only: its backbone must not be pruned or adapted."""
+    return make_workspace()
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,457 @@
+"""Tests for elmm.model (MVTC, masked max, loss, negatives, ELMM forward) and the model parts of
+elmm.workspace (LoRA / trainable split, save/load of trained weights, no answer leakage)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from elmm.backbone import load_backbone
+from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max, sample_negatives
+from elmm.prompt import HEAD, TAIL, PromptBuilder
+from elmm.pruning.layers import PrunedDecoderLayer, prune_layers
+from elmm.workspace import (
+    Queries,
+    Workspace,
+    add_lora,
+    forward_batch,
+    load_trained,
+    make_batch,
+    queries_from_triples,
+    save_trained,
+    set_trainable,
+)
+
+EXACT = {"atol": 0.0, "rtol": 0.0}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def reference_view(view: MVTCView, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+    """MVTC written out head by head, V applied to every token *before* pooling.
+
+    head_i = softmax(q W_i^Q (I W_i^K)^T / sqrt(d)) (I W_i^V); masked tokens are removed from the
+    softmax, a row without any real token gives zero. Returns (output [B, H, D], weights [B, H, T]).
+    """
+    b, t, dim = tokens.shape
+    hd = view.head_dim
+    outs, weights = [], []
+    for i in range(view.heads):
+        wq = view.q.weight[i * hd:(i + 1) * hd]  # nn.Linear stores [out, in]
+        wk = view.k.weight[i * hd:(i + 1) * hd]
+        q = query @ wq.T  # [B, d]
+        k = tokens @ wk.T  # [B, T, d]
+        v = tokens @ view.v[i]  # [B, T, D]: per-head value of every token
+        head_out = torch.zeros(b, dim)
+        head_w = torch.zeros(b, t)
+        for r in range(b):
+            real = mask[r].nonzero().flatten()
+            if len(real) == 0:
+                continue
+            logits = (k[r, real] @ q[r]) / math.sqrt(hd)
+            w = torch.softmax(logits, dim=0)
+            head_w[r, real] = w
+            head_out[r] = w @ v[r, real]
+        outs.append(head_out)
+        weights.append(head_w)
+    return torch.stack(outs, 1), torch.stack(weights, 1)
+
+
+def random_view(dim: int, heads: int) -> MVTCView:
+    """An MVTCView with non-identity value matrices, so the value projection is really exercised."""
+    view = MVTCView(dim, heads)
+    with torch.no_grad():
+        view.v.copy_(torch.randn_like(view.v) / math.sqrt(dim))
+    return view
+
+
+def perturb_(params, scale: float = 0.1) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * scale)
+
+
+# ---------------------------------------------------------------------------------------- MVTC
+def test_mvtc_view_shapes() -> None:
+    """query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]."""
+    torch.manual_seed(0)
+    view = MVTCView(16, 4)
+    out = view(torch.randn(3, 16), torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool))
+    assert out.shape == (3, 4, 16)
+    assert view.head_dim == 4
+
+
+def test_mvtc_masked_tokens_have_no_influence_and_zero_weight() -> None:
+    """A padded token's content never reaches the output, and its attention weight is exactly 0."""
+    torch.manual_seed(1)
+    view = random_view(16, 4)
+    query, tokens = torch.randn(3, 16), torch.randn(3, 6, 16)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        out = view(query, tokens, mask)
+        garbage = tokens.clone()
+        garbage[~mask] = torch.randn(int((~mask).sum()), 16) * 1e4
+        out_garbage = view(query, garbage, mask)
+        ref, weights = reference_view(view, query, garbage, mask)
+    assert_close(out_garbage, out, **EXACT)
+    assert torch.all(weights[~mask[:, None, :].expand_as(weights)] == 0)
+    assert_close(weights.sum(-1), torch.ones(3, 4))
+    assert_close(out_garbage, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mvtc_is_permutation_invariant() -> None:
+    """Permuting the image tokens (and their mask) along T leaves the output unchanged."""
+    torch.manual_seed(2)
+    view = random_view(16, 2)
+    query, tokens = torch.randn(2, 16), torch.randn(2, 7, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    perm = torch.randperm(7)
+    while torch.equal(perm, torch.arange(7)):
+        perm = torch.randperm(7)
+    with torch.no_grad():
+        assert_close(view(query, tokens[:, perm], mask[:, perm]), view(query, tokens, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_mvtc_all_masked_row_is_zero_and_finite() -> None:
+    """An entity without images (all tokens masked) gives zeros, no NaN, and finite gradients."""
+    torch.manual_seed(3)
+    view = random_view(8, 2)
+    tokens = torch.randn(2, 4, 8, requires_grad=True)
+    mask = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    out = view(torch.randn(2, 8), tokens, mask)
+    assert torch.isfinite(out).all()
+    assert_close(out[0], torch.zeros(2, 8), **EXACT)
+    assert out[1].abs().sum() > 0
+    out.sum().backward()
+    for p in (view.q.weight, view.k.weight, view.v, tokens):
+        assert torch.isfinite(p.grad).all()
+    assert_close(tokens.grad[0], torch.zeros(4, 8), **EXACT)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_mvtc_pool_then_project_matches_explicit_formula(heads: int) -> None:
+    """Head i equals softmax(q W_i^Q (I W_i^K)^T / sqrt(d)) I W_i^V with V applied per token."""
+    torch.manual_seed(4 + heads)
+    view = random_view(16, heads)
+    query, tokens = torch.randn(4, 16), torch.randn(4, 9, 16)
+    mask = torch.rand(4, 9) > 0.3
+    mask[:, 0] = True
+    with torch.no_grad():
+        ref, _ = reference_view(view, query, tokens, mask)
+        assert_close(view(query, tokens, mask), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mvtc_value_projection_starts_as_identity() -> None:
+    """Untrained, each head is attention pooling of the raw tokens: output rows are convex mixes."""
+    torch.manual_seed(5)
+    view = MVTCView(8, 2)
+    assert_close(view.v.detach(), torch.eye(8).repeat(2, 1, 1), **EXACT)
+    tokens = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        _, weights = reference_view(view, torch.randn(1, 8), tokens, torch.ones(1, 3, dtype=torch.bool))
+        out = view(torch.randn(1, 8), tokens, torch.ones(1, 3, dtype=torch.bool))
+    assert weights.shape == (1, 2, 3)
+    # every head lies in the convex hull of the tokens: per-dim within [min, max]
+    assert torch.all(out <= tokens.amax(1, keepdim=True) + 1e-6) and torch.all(out >= tokens.amin(1, keepdim=True) - 1e-6)
+
+
+# ---------------------------------------------------------------------------------------- masked max
+def test_masked_max_hand_example() -> None:
+    """Max over real positions only (even if padding holds larger values); fully masked -> 0."""
+    x = torch.tensor([
+        [[1.0, -5.0], [100.0, 100.0], [3.0, -2.0]],
+        [[-1.0, -2.0], [-3.0, -0.5], [50.0, 50.0]],
+        [[7.0, 7.0], [8.0, 8.0], [9.0, 9.0]],
+    ])
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    expected = torch.tensor([[3.0, -2.0], [-1.0, -0.5], [0.0, 0.0]])
+    assert_close(masked_max(x, mask, 1), expected, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------- loss
+def test_elmm_loss_hand_example() -> None:
+    """-log sigmoid(s_t) - mean over valid negatives of log(1 - sigmoid(s_n)), averaged over the batch."""
+    scores = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 1.0, -2.0, 4.0]])
+    targets = torch.tensor([0, 1])
+    negatives = torch.tensor([[1, 2, 3], [0, 3, 2]])
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+
+    def sig(v: float) -> float:
+        return 1.0 / (1.0 + math.exp(-v))
+
+    row0 = -math.log(sig(2.0)) - (math.log(1 - sig(-1.0)) + math.log(1 - sig(3.0))) / 2
+    row1 = -math.log(sig(1.0)) - (math.log(1 - sig(0.0)) + math.log(1 - sig(4.0)) + math.log(1 - sig(-2.0))) / 3
+    expected = torch.tensor((row0 + row1) / 2)
+    assert_close(elmm_loss(scores, targets, negatives, mask), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_elmm_loss_ignores_masked_negative_score() -> None:
+    """A masked negative (a true answer) does not move the loss, however high its score."""
+    scores = torch.tensor([[1.0, 0.0, -1.0]])
+    args = (torch.tensor([0]), torch.tensor([[1, 2]]), torch.tensor([[True, False]]))
+    base = elmm_loss(scores, *args)
+    high = scores.clone()
+    high[0, 2] = 80.0
+    assert_close(elmm_loss(high, *args), base, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------- negatives
+def test_sample_negatives_masks_known_answers_and_appends_anchor() -> None:
+    """Self-denoising puts the anchor last; known answers (the target included) are masked False."""
+    e = 6
+    anchors = torch.tensor([0, 3, 5])
+    targets = torch.tensor([2, 1, 4])
+    known = torch.zeros(3, e, dtype=torch.bool)
+    known[torch.arange(3), targets] = True
+    known[0, 4] = True  # a second known answer of query 0
+    gen = torch.Generator().manual_seed(0)
+    neg, mask = sample_negatives(anchors, known, 200, True, gen)
+    assert neg.shape == (3, 201) and mask.shape == (3, 201)
+    assert torch.equal(neg[:, -1], anchors)
+    assert torch.equal(mask, ~known.gather(1, neg))
+    for i in range(3):
+        hits = neg[i, :-1] == targets[i]
+        assert hits.any(), "200 uniform draws over 6 entities must hit the target"
+        assert not mask[i, :-1][hits].any()
+        assert mask[i, :-1][~known[i, neg[i, :-1]]].all()
+    assert not mask[0][neg[0] == 4].any()
+    assert mask[:, -1].all()  # the anchors are not known answers here
+
+    neg2, mask2 = sample_negatives(anchors, known, 5, False, torch.Generator().manual_seed(0))
+    assert neg2.shape == (3, 5) and neg2.min() >= 0 and neg2.max() < e
+    assert torch.equal(mask2, ~known.gather(1, neg2))
+
+
+# ---------------------------------------------------------------------------------------- forward
+def _queries(ws, n: int = 4) -> Queries:
+    return queries_from_triples(ws.kg.triples["train"][:n])
+
+
+@pytest.mark.parametrize("head", ["completion", "lm_head"])
+@pytest.mark.parametrize(("mvtc", "text_view", "image_view", "max_image_tokens", "expected_tokens"), [
+    (True, True, True, 256, 4),  # 2 views x 2 heads
+    (True, False, True, 256, 2),
+    (True, True, False, 256, 2),
+    (False, True, True, 256, 12),  # N * M = 3 images x 4 patches
+    (False, True, True, 5, 5),  # capped
+])
+def test_elmm_forward_shapes(micro_workspace, head, mvtc, text_view, image_view, max_image_tokens,
+                             expected_tokens) -> None:
+    """Scores are [B, num_entities]; the image block width follows the MVTC / cap configuration."""
+    ws = micro_workspace
+    torch.manual_seed(0)
+    config = ELMMConfig(num_entities=ws.kg.num_entities, mvtc_enabled=mvtc, text_view=text_view,
+                        image_view=image_view, heads=2, head=head, max_image_tokens=max_image_tokens)
+    model = ELMM(ws.backbone, config).eval()
+    q = _queries(ws)
+    batch = make_batch(ws, q)
+    with torch.no_grad():
+        out = forward_batch(model, batch)
+    b = len(q)
+    assert out.scores.shape == (b, ws.kg.num_entities)
+    assert torch.isfinite(out.scores).all()
+    assert out.image_tokens == expected_tokens
+    assert out.query.shape == (b, 3 * ws.backbone.hidden_size if head == "completion" else ws.backbone.hidden_size)
+    # image_mask() predicts exactly the mask image_block() builds, without building the block.
+    with torch.no_grad():
+        ids, text_mask = batch["text"].ids, batch["text"].mask
+        block, block_mask = model.image_block(batch["patches"], batch["cls"], batch["slot_mask"],
+                                              ws.backbone.embed_tokens(ids), text_mask)
+    assert block.shape == (b, expected_tokens, ws.backbone.hidden_size)
+    assert torch.equal(model.image_mask(batch["slot_mask"], ws.tokens.num_tokens), block_mask)
+
+
+def test_elmm_forward_entity_without_images_is_finite(micro_workspace) -> None:
+    """An anchor with no images gets a masked image block and still finite scores and gradients."""
+    ws = micro_workspace
+    no_img = int((~ws.tokens.mask.any(1)).nonzero()[0])
+    q = Queries(torch.tensor([no_img, 0]), torch.tensor([0, 0]), torch.tensor([TAIL, HEAD]), torch.tensor([1, 1]))
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2))
+    batch = make_batch(ws, q)
+    assert not batch["slot_mask"][0].any()
+    out = forward_batch(model, batch)
+    assert torch.isfinite(out.scores).all()
+    out.scores.sum().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+# ---------------------------------------------------------------------------------------- trainable split
+def _pruned_lora_model(ws, pruned: dict[int, torch.Tensor | None], r: int = 4):
+    prune_layers(ws.backbone.layers, pruned)
+    torch.manual_seed(0)
+    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(pruned), "ridge")
+    model = ELMM(ws.backbone, config)
+    lora = add_lora(model, r=r, alpha=2 * r, dropout=0.0)
+    set_trainable(model)
+    return model, lora
+
+
+def test_trainable_split_after_lora(make_workspace) -> None:
+    """Trainable = LoRA + MVTC + completion + compensation; all else frozen; LoRA on q/v of live layers."""
+    ws = make_workspace()
+    dim = ws.backbone.hidden_size
+    model, lora = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.01})
+    assert lora is not None and lora["target_modules"] == ["q_proj", "v_proj"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+
+    def expected_trainable(name: str) -> bool:
+        return (name.startswith(("text_view.", "image_view.", "completion."))
+                or ".lora_A." in name or ".lora_B." in name
+                or name == "llm.model.language_model.layers.1.compensation")
+
+    assert trainable == {n for n, _ in model.named_parameters() if expected_trainable(n)}
+    assert all(not expected_trainable(n) for n in frozen)
+    assert "llm.model.language_model.layers.1.compensation" in trainable
+    assert any(n.startswith("text_view.") for n in trainable) and any(n.startswith("completion.") for n in trainable)
+    assert not any(n.startswith("llm.") and "lora_" not in n and not n.endswith(".compensation") for n in trainable)
+    # The vision tower, projector, embeddings, norms, MLPs, lm_head are all frozen.
+    for key in ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head", "mlp", "layernorm"):
+        assert any(key in n for n in frozen), key
+        assert not any(key in n for n in trainable), key
+
+    lora_names = {n for n in trainable if "lora_" in n}
+    layers_with_lora = {int(n.split("layers.")[1].split(".")[0]) for n in lora_names}
+    assert layers_with_lora == {0, 2}
+    for n in lora_names:
+        assert ".self_attn.q_proj." in n or ".self_attn.v_proj." in n, n
+    for i in (0, 2):
+        for proj in ("q_proj", "v_proj"):
+            assert hasattr(getattr(ws.backbone.layers[i].self_attn, proj), "lora_A")
+        for proj in ("k_proj", "o_proj"):
+            assert not hasattr(getattr(ws.backbone.layers[i].self_attn, proj), "lora_A")
+    assert isinstance(ws.backbone.layers[1], PrunedDecoderLayer)
+    assert not any("lora_" in n for n, _ in ws.backbone.layers[1].named_parameters())
+
+    # Gradients reach every trainable tensor and no frozen one.
+    q = _queries(ws, 4)
+    model.train()
+    out = forward_batch(model, make_batch(ws, q))
+    elmm_loss(out.scores, q.targets, torch.randint(0, ws.kg.num_entities, (len(q), 3)),
+              torch.ones(len(q), 3, dtype=torch.bool)).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            if ".lora_A." not in n:  # lora_A's gradient is exactly 0 while lora_B is still 0
+                assert p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+def test_add_lora_skips_fully_pruned_model(make_workspace) -> None:
+    """With every attention block pruned there is nothing to adapt: add_lora returns None."""
+    ws = make_workspace()
+    prune_layers(ws.backbone.layers, {i: None for i in range(ws.backbone.num_layers)})
+    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(range(ws.backbone.num_layers)), "none")
+    model = ELMM(ws.backbone, config)
+    assert add_lora(model, 4, 8, 0.0) is None
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------- save / load
+def test_save_load_trained_roundtrip(make_workspace, micro_env, tmp_path) -> None:
+    """save_trained + load_trained into a fresh backbone reproduce the (perturbed) model's scores exactly."""
+    ws = make_workspace()
+    dim = ws.backbone.hidden_size
+    model, lora = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.05})
+    torch.manual_seed(1)
+    perturb_([p for p in model.parameters() if p.requires_grad])  # LoRA B, MVTC, completion, W_c
+    model.eval()
+    q = _queries(ws, 6)
+    with torch.no_grad():
+        expected = forward_batch(model, make_batch(ws, q)).scores
+    save_trained(tmp_path / "model", model, lora, {"note": "test"})
+
+    fresh = dataclasses.replace(ws, backbone=load_backbone(micro_env.backbone_dir))
+    loaded = load_trained(fresh, tmp_path / "model")
+    assert loaded.config == model.config
+    assert isinstance(fresh.backbone.layers[1], PrunedDecoderLayer)
+    assert_close(fresh.backbone.layers[1].compensation, ws.backbone.layers[1].compensation, **EXACT)
+    with torch.no_grad():
+        got = forward_batch(loaded, make_batch(fresh, q)).scores
+    assert_close(got, expected, **EXACT)
+
+    # Control: a freshly initialised model of the same shape scores differently, so the match is not trivial.
+    other = dataclasses.replace(ws, backbone=load_backbone(micro_env.backbone_dir))
+    prune_layers(other.backbone.layers, {1: torch.zeros(dim, dim)})
+    torch.manual_seed(0)
+    baseline = ELMM(other.backbone, model.config).eval()
+    add_lora(baseline, 4, 8, 0.0)
+    with torch.no_grad():
+        assert not torch.allclose(forward_batch(baseline, make_batch(other, q)).scores, expected, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------- leakage
+def _leak_query(ws) -> Queries:
+    """A tail query whose anchor and answer are distinct entities that both have images."""
+    has = ws.tokens.mask.any(1)
+    for h, r, t in ws.kg.triples["train"].tolist():
+        if h != t and has[h] and has[t]:
+            return Queries(torch.tensor([h]), torch.tensor([r]), torch.tensor([TAIL]), torch.tensor([t]))
+    raise AssertionError("no suitable query in the synthetic KG")
+
+
+def _with_entity_changed(ws, entity: int, *, tokens: bool = True, text: bool = True) -> Workspace:
+    """A copy of `ws` in which every feature of `entity` (image tokens, name, description) differs."""
+    new = copy.copy(ws.tokens)
+    if tokens:
+        g = torch.Generator().manual_seed(123)
+        new.patches = ws.tokens.patches.clone()
+        new.cls = ws.tokens.cls.clone()
+        new.patches[entity] = (torch.randn(new.patches[entity].shape, generator=g) * 3).half()
+        new.cls[entity] = (torch.randn(new.cls[entity].shape, generator=g) * 3).half()
+    prompts = ws.prompts
+    if text:
+        names = ws.kg.entities["name"].tolist()
+        descs = ws.kg.entities["description"].tolist()
+        names[entity] = "zebra quantum xylophone"
+        descs[entity] = "A completely different description of something else entirely."
+        prompts = PromptBuilder(ws.backbone.tokenizer, names, descs, ws.kg.relations["name"].tolist(),
+                                ws.params.model.max_text_tokens)
+        assert prompts.entity_ids[entity] != ws.prompts.entity_ids[entity]
+    return dataclasses.replace(ws, tokens=new, prompts=prompts)
+
+
+@pytest.mark.parametrize(("head", "mvtc"), [("completion", True), ("completion", False), ("lm_head", True)])
+def test_no_answer_leakage(micro_workspace, head, mvtc) -> None:
+    """Changing every feature of the answer entity leaves the query's scores unchanged; changing the
+    anchor's image tokens (control) does change them."""
+    ws = micro_workspace
+    torch.manual_seed(0)
+    config = ELMMConfig(num_entities=ws.kg.num_entities, mvtc_enabled=mvtc, heads=2, head=head)
+    model = ELMM(ws.backbone, config).eval()
+    q = _leak_query(ws)
+    anchor, answer = int(q.anchors[0]), int(q.targets[0])
+    with torch.no_grad():
+        base = forward_batch(model, make_batch(ws, q)).scores
+        changed_answer = forward_batch(model, make_batch(_with_entity_changed(ws, answer), q)).scores
+        changed_anchor = forward_batch(model, make_batch(_with_entity_changed(ws, anchor, text=False), q)).scores
+        changed_anchor_text = forward_batch(model, make_batch(_with_entity_changed(ws, anchor, tokens=False), q)).scores
+    assert_close(changed_answer, base, **EXACT)
+    assert (changed_anchor - base).abs().max() > 1e-4
+    assert (changed_anchor_text - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mvtc", [True, False])
+def test_scores_do_not_depend_on_batch_mates(micro_workspace, mvtc) -> None:
+    """A query scores the same alone or batched with others (different text lengths, image counts,
+    an entity without images): padding never leaks across rows."""
+    ws = micro_workspace
+    no_img = int((~ws.tokens.mask.any(1)).nonzero()[0])
+    fewer = int((ws.tokens.mask.sum(1) == 1).nonzero()[0])
+    anchors = torch.tensor([0, no_img, fewer, ws.kg.num_entities - 1, 3])
+    q = Queries(anchors, torch.tensor([0, 4, 2, 3, 1]), torch.tensor([TAIL, HEAD, TAIL, HEAD, TAIL]),
+                torch.zeros(5, dtype=torch.long))
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, mvtc_enabled=mvtc, heads=2)).eval()
+    with torch.no_grad():
+        batched = forward_batch(model, make_batch(ws, q)).scores
+        single = torch.cat([forward_batch(model, make_batch(ws, q.subset(slice(i, i + 1)))).scores for i in range(5)])
+    assert_close(batched, single, rtol=1e-5, atol=1e-5)

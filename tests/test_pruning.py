@@ -1,0 +1,329 @@
+"""Tests for elmm.pruning.layers: pruned decoder layers, similarity analysis, bottom-up calibration.
+
+The decoder is driven directly with `inputs_embeds` (real token embeddings, right padding), so the
+tests depend only on the backbone's decoder, not on the rest of the ELMM model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from elmm.pruning.compensation import CompensationAccumulator
+from elmm.pruning.layers import (
+    PrunedDecoderLayer,
+    calibrate_bottom_up,
+    measure_similarity,
+    prune_layers,
+    rank_layers,
+)
+
+EXACT = {"atol": 0.0, "rtol": 0.0}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def make_batch(backbone, lengths: list[int], width: int, seed: int) -> dict:
+    """Random token ids embedded by the backbone, right-padded to `width`; "decoder_mask" True = real."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, backbone.model.config.text_config.vocab_size, (len(lengths), width), generator=g)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        embeds = backbone.embed_tokens(ids)
+    return {"embeds": embeds, "decoder_mask": mask}
+
+
+def decode(backbone, batch: dict) -> torch.Tensor:
+    return backbone.decoder(inputs_embeds=batch["embeds"], attention_mask=batch["decoder_mask"].long()).last_hidden_state
+
+
+def runner(backbone):
+    """The `run` callable measure_similarity / calibrate_bottom_up expect: forward, return the mask."""
+    def run(batch: dict) -> torch.Tensor:
+        decode(backbone, batch)
+        return batch["decoder_mask"]
+    return run
+
+
+class Capture:
+    """Forward pre-hooks that record the first positional/keyword input of modules, per call."""
+
+    def __init__(self, modules: dict):
+        self.values: dict = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(k), with_kwargs=True) for k, m in modules.items()]
+
+    def _hook(self, key):
+        def pre(module, args, kwargs):
+            self.values[key] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return pre
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def capture(backbone, batch: dict, modules: dict) -> dict:
+    cap = Capture(modules)
+    try:
+        with torch.no_grad():
+            decode(backbone, batch)
+    finally:
+        cap.remove()
+    return cap.values
+
+
+@pytest.fixture
+def batches(micro_backbone) -> list[dict]:
+    return [make_batch(micro_backbone, [12, 9, 12, 5], 12, seed=10),
+            make_batch(micro_backbone, [10, 10, 7], 10, seed=11)]
+
+
+# ---------------------------------------------------------------------------------------- pruned layers
+def test_k0_pruning_is_identity(load_micro_backbone, micro_backbone, batches) -> None:
+    """Pruning no layers (K=0) leaves the model exactly equal to the original."""
+    bb = load_micro_backbone()
+    before = [layer for layer in bb.layers]
+    prune_layers(bb.layers, {})
+    assert all(a is b for a, b in zip(bb.layers, before))
+    with torch.no_grad():
+        for batch in batches:
+            assert_close(decode(bb, batch), decode(micro_backbone, batch), **EXACT)
+
+
+def test_prune_without_compensation_equals_zeroed_attention(load_micro_backbone, batches) -> None:
+    """prune_layers with W=None == the unpruned model with those attention outputs set to zero."""
+    pruned, ref = load_micro_backbone(), load_micro_backbone()
+    chosen = [0, 2]
+    prune_layers(pruned.layers, {i: None for i in chosen})
+
+    def zero_out(module, args, kwargs, out):
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+
+    handles = [ref.layers[i].self_attn.register_forward_hook(zero_out, with_kwargs=True) for i in chosen]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                got, expected = decode(pruned, batch), decode(ref, batch)
+                assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    finally:
+        for h in handles:
+            h.remove()
+    # Control: without the zeroing hooks the unpruned model differs, so the check is not vacuous.
+    with torch.no_grad():
+        assert (decode(ref, batches[0]) - decode(pruned, batches[0])).abs().max() > 1e-3
+
+
+def test_pruned_layers_run_no_attention(load_micro_backbone, batches) -> None:
+    """Pruned layers hold no attention module; a forward pass calls attention num_layers - K times."""
+    bb = load_micro_backbone()
+    attn = {i: layer.self_attn for i, layer in enumerate(bb.layers)}
+    calls = {i: 0 for i in attn}
+
+    def counter(i):
+        def pre(module, args, kwargs):
+            calls[i] += 1
+        return pre
+
+    handles = [m.register_forward_pre_hook(counter(i), with_kwargs=True) for i, m in attn.items()]
+    chosen = {0: None, 2: torch.zeros(bb.hidden_size, bb.hidden_size)}
+    prune_layers(bb.layers, chosen)
+    try:
+        with torch.no_grad():
+            decode(bb, batches[0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {0: 0, 1: 1, 2: 0}
+    assert sum(calls.values()) == bb.num_layers - len(chosen)
+    live = {id(m) for m in bb.model.modules()}
+    assert id(attn[0]) not in live and id(attn[2]) not in live and id(attn[1]) in live
+    for i in chosen:
+        layer = bb.layers[i]
+        assert isinstance(layer, PrunedDecoderLayer) and layer.index == i
+        assert not hasattr(layer, "self_attn")
+        assert not hasattr(layer, "input_layernorm")
+        assert not any("self_attn" in name or "proj" in name and "mlp" not in name
+                       for name, _ in layer.named_modules())
+    with pytest.raises(ValueError, match="already pruned"):
+        prune_layers(bb.layers, {0: None})
+
+
+def test_pruned_layer_with_compensation_formula(load_micro_backbone, micro_backbone, batches) -> None:
+    """A PrunedDecoderLayer computes h = x + xW, y = h + mlp(post_attention_layernorm(h))."""
+    bb = load_micro_backbone()
+    torch.manual_seed(0)
+    d = bb.hidden_size
+    w = torch.randn(d, d) * 0.1
+    layer = PrunedDecoderLayer(bb.layers[1], w, 1)
+    assert isinstance(layer.compensation, nn.Parameter)
+    assert_close(layer.compensation.detach(), w, **EXACT)
+    assert layer.compensation.data_ptr() != w.data_ptr()  # a copy, not a view of the caller's tensor
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        h = x + x @ w
+        expected = h + bb.layers[1].mlp(bb.layers[1].post_attention_layernorm(h))
+        assert_close(layer(x, attention_mask=None), expected, rtol=1e-6, atol=1e-6)
+        no_w = PrunedDecoderLayer(bb.layers[1], None, 1)
+        assert no_w.compensation is None
+        assert_close(no_w(x), x + bb.layers[1].mlp(bb.layers[1].post_attention_layernorm(x)), **EXACT)
+
+    # In the whole model: equal to the unpruned model whose layer-1 attention output is replaced by xW.
+    prune_layers(bb.layers, {1: w})
+    ref = micro_backbone
+    store = {}
+
+    def keep_x(module, args, kwargs):
+        store["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def replace(module, args, kwargs, out):
+        return (store["x"] @ w,) + tuple(out[1:])
+
+    handles = [ref.layers[1].register_forward_pre_hook(keep_x, with_kwargs=True),
+               ref.layers[1].self_attn.register_forward_hook(replace, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            assert_close(decode(bb, batches[0]), decode(ref, batches[0]), rtol=1e-5, atol=1e-5)
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+# ---------------------------------------------------------------------------------------- similarity
+def test_measure_similarity_matches_hand_computation(micro_backbone, batches) -> None:
+    """Per-layer mean cosine(x, x + attn) over real tokens of all batches, padding excluded."""
+    bb = micro_backbone
+    sims = measure_similarity(bb.layers, runner(bb), batches)
+    assert len(sims) == bb.num_layers
+    assert all(-1.0 <= s <= 1.0 for s in sims)
+
+    # Independent capture: x = input of input_layernorm, x + attn = input of post_attention_layernorm.
+    sums = torch.zeros(bb.num_layers, dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        mods = {}
+        for i, layer in enumerate(bb.layers):
+            mods[("x", i)] = layer.input_layernorm
+            mods[("h", i)] = layer.post_attention_layernorm
+        vals = capture(bb, batch, mods)
+        m = batch["decoder_mask"]
+        for i in range(bb.num_layers):
+            x, h = vals[("x", i)][m].double(), vals[("h", i)][m].double()
+            sums[i] += (x * h).sum(-1).div(x.norm(dim=-1) * h.norm(dim=-1)).sum()
+        count += int(m.sum())
+    expected = (sums / count).tolist()
+    assert count == 12 + 9 + 12 + 5 + 10 + 10 + 7  # token-weighted over all batches
+    assert sims == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+    # Padding really is excluded: garbage in padded positions does not change the result.
+    noisy = []
+    for batch in batches:
+        b = dict(batch)
+        e = batch["embeds"].clone()
+        e[~batch["decoder_mask"]] = torch.randn(int((~batch["decoder_mask"]).sum()), bb.hidden_size) * 50
+        b["embeds"] = e
+        noisy.append(b)
+    assert measure_similarity(bb.layers, runner(bb), noisy) == pytest.approx(sims, rel=1e-5, abs=1e-6)
+
+
+def test_rank_layers_most_similar_first_ties_by_index() -> None:
+    """rank_layers orders from most to least similar; equal similarities keep index order."""
+    assert rank_layers([0.5, 0.9, 0.1, 0.9, -0.2]) == [1, 3, 0, 2, 4]
+    assert rank_layers([]) == []
+
+
+# ---------------------------------------------------------------------------------------- calibration
+def test_calibrate_bottom_up_uses_pruned_lower_layers(load_micro_backbone, micro_backbone, batches) -> None:
+    """The upper layer's W_c is a ridge fit on x from the model whose lower layer is already pruned
+    and compensated (global target: unpruned h_l minus that x), not on the unpruned model's x."""
+    bb, ref = load_micro_backbone(), micro_backbone
+    d, damp = bb.hidden_size, 0.01
+    original = list(bb.layers)
+    results = calibrate_bottom_up(bb.layers, [2, 0], runner(bb), batches, [], method="ridge", target="global",
+                                  damp=damp, init="closed_form", progress=lambda s: None)
+    assert [r.layer for r in results] == [0, 2]
+    assert isinstance(bb.layers[0], PrunedDecoderLayer) and isinstance(bb.layers[2], PrunedDecoderLayer)
+    assert bb.layers[1] is original[1]
+    for r in results:
+        assert_close(bb.layers[r.layer].compensation.detach(), r.weight, **EXACT)
+
+    fits = {}
+    for name, x_source in (("pruned", bb), ("unpruned", ref)):
+        accs = {0: CompensationAccumulator(d), 2: CompensationAccumulator(d)}
+        for batch in batches:
+            m = batch["decoder_mask"]
+            xs = capture(x_source, batch, {0: x_source.layers[0], 2: x_source.layers[2]})
+            h = capture(ref, batch, {0: ref.layers[0].post_attention_layernorm,
+                                     2: ref.layers[2].post_attention_layernorm})
+            for l in (0, 2):
+                accs[l].update(xs[l], h[l] - xs[l], m)
+            if name == "pruned":
+                x_ref = capture(ref, batch, {2: ref.layers[2]})[2]
+                # The upper layer sees a different input once the lower layer is pruned.
+                assert (xs[2][m] - x_ref[m]).abs().max() > 1e-3
+                assert_close(xs[0], batch["embeds"], **EXACT)
+        fits[name] = {l: acc.solve("ridge", damp) for l, acc in accs.items()}
+
+    installed = {l: bb.layers[l].compensation.detach() for l in (0, 2)}
+    assert_close(installed[0], fits["pruned"][0], rtol=1e-4, atol=1e-5)
+    assert_close(installed[2], fits["pruned"][2], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(installed[2], fits["unpruned"][2], rtol=1e-3, atol=1e-4)
+    # Layer 0 sees the embeddings in both models, so both fits agree there.
+    assert_close(fits["unpruned"][0], fits["pruned"][0], rtol=1e-4, atol=1e-5)
+
+    e = results[1].errors
+    assert set(e) == {"ridge", "paper", "none"}
+    assert e["ridge"]["fit"]["global"]["after"] < e["ridge"]["fit"]["global"]["before"]
+    assert e["none"]["fit"]["global"]["relative"] == pytest.approx(1.0)
+    assert e["ridge"]["fit"]["global"]["tokens"] == int(sum(b["decoder_mask"].sum() for b in batches))
+
+
+class LinearAttention(nn.Module):
+    """An 'attention' whose output is exactly hidden_states @ A."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = a
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states @ self.a, None
+
+
+def test_linear_attention_is_compensated_exactly(load_micro_backbone, batches, micro_backbone) -> None:
+    """If attn(LN(x)) is exactly x @ A (LN = identity), the local-target ridge fit recovers A: error ~0."""
+    bb = load_micro_backbone()
+    torch.manual_seed(0)
+    a = torch.randn(bb.hidden_size, bb.hidden_size) * 0.1
+    bb.layers[1].input_layernorm = nn.Identity()
+    bb.layers[1].self_attn = LinearAttention(a)
+    held = [make_batch(micro_backbone, [8, 11, 11], 11, seed=12)]
+    (res,) = calibrate_bottom_up(bb.layers, [1], runner(bb), batches, held, method="ridge", target="local",
+                                 damp=1e-9, init="closed_form", progress=lambda s: None)
+    err = res.errors["ridge"]
+    for split in ("fit", "heldout"):
+        assert err[split]["local"]["before"] > 1e-2
+        assert err[split]["local"]["relative"] < 1e-4, err[split]["local"]
+    assert res.errors["none"]["fit"]["local"]["relative"] == pytest.approx(1.0)
+    assert_close(res.weight, a, rtol=1e-3, atol=1e-4)
+    assert_close(bb.layers[1].compensation.detach(), a, rtol=1e-3, atol=1e-4)
+
+
+def test_calibrate_init_zero_and_method_none(load_micro_backbone, batches) -> None:
+    """init="zero" installs W_c = 0 (errors still reported for the closed form); method="none"
+    installs no compensation at all."""
+    bb = load_micro_backbone()
+    (res,) = calibrate_bottom_up(bb.layers, [1], runner(bb), batches, [], method="ridge", target="global",
+                                 damp=0.01, init="zero", progress=lambda s: None)
+    layer = bb.layers[1]
+    assert isinstance(layer, PrunedDecoderLayer) and layer.compensation is not None
+    assert layer.compensation.shape == (bb.hidden_size, bb.hidden_size)
+    assert torch.count_nonzero(layer.compensation) == 0
+    assert res.weight is not None and torch.count_nonzero(res.weight) == 0
+    assert res.errors["ridge"]["fit"]["global"]["relative"] < 1.0  # the closed-form fit is still evaluated
+
+    bb2 = load_micro_backbone()
+    (res2,) = calibrate_bottom_up(bb2.layers, [1], runner(bb2), batches, [], method="none", target="global",
+                                  damp=0.01, init="closed_form", progress=lambda s: None)
+    assert isinstance(bb2.layers[1], PrunedDecoderLayer)
+    assert bb2.layers[1].compensation is None and res2.weight is None
+    assert not any("compensation" in n for n, _ in bb2.model.named_parameters())
