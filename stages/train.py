@@ -43,12 +43,21 @@ def main() -> None:
             live.step = step
             live.log_metric(name, value, plot=True)
 
+        # validation points are logged at the global step where they were taken
+        steps_done = {"n": 0}
+        _log = log
+
+        def log(name, value, step):
+            steps_done["n"] = step
+            _log(name, value, step)
+
         def validate(epoch):
+            live.step = steps_done["n"]
             res = evaluate_ranking(model, ws, valid_q, valid_filter, p.evaluate.batch_size, precision=tp.precision,
                                    desc="valid", progress=False)
             m = res.metrics
             for key in ("mrr", "hits_at_1", "hits_at_10"):
-                live.log_metric(f"valid/{key}", m[key], plot=False)
+                live.log_metric(f"valid/{key}", m[key], plot=True)
             live.log_metric("epoch", epoch, plot=False)
             print(f"train: epoch {epoch} valid mrr {m['mrr']:.4f} hits@10 {m['hits_at_10']:.4f}")
             if m["mrr"] > best["mrr"]:
@@ -56,6 +65,7 @@ def main() -> None:
                             state={k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
             return m
 
+        validate(0)  # the untrained starting point: the curve's first value (and the only one at max_steps=0)
         summary = train_model(model, ws, train_q, train_filter, tp, seed=p.seed, validate=validate, log=log)
         if best["state"] is not None:
             with torch.no_grad():
