@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
+# In logs (not a terminal) a progress bar redraws as a new line each time: redraw every 10 s instead.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
 
-from elmm.config import ParamsError, load_params
+import torch  # noqa: E402
+
+from elmm.config import ParamsError, load_params  # noqa: E402
 
 
 def params():
