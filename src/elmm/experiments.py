@@ -1,0 +1,120 @@
+"""Turn finished DVC experiments into the paper's tables and figures.
+
+    python -m elmm.experiments table                   # markdown table of every experiment (ablations)
+    python -m elmm.experiments sweep --param prune.k   # CSV of metrics against a param, for `dvc plots`
+
+Both read `dvc exp show --json` (so they work on whatever `dvc exp run` produced) and never
+recompute a metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .io import write_csv_rows
+
+METRICS = ("mrr", "mr", "hits_at_1", "hits_at_3", "hits_at_10")
+EVALUATE = "metrics/evaluate.json"
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _row(name: str, data: dict) -> dict | None:
+    metrics = data.get("metrics", {}).get(EVALUATE, {}).get("data")
+    params = data.get("params", {}).get("params.yaml", {}).get("data")
+    if not metrics or not params:
+        return None
+    return {"name": name, "params": params, "metrics": metrics}
+
+
+def load_experiments(show_json: str | None = None, all_commits: bool = False) -> list[dict]:
+    """Rows {name, params, metrics} for the baseline and every experiment with evaluate metrics."""
+    if show_json is None:
+        cmd = ["dvc", "exp", "show", "--json"] + (["-A"] if all_commits else [])
+        show_json = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = []
+    for base in json.loads(show_json):
+        if base.get("rev") == "workspace":
+            continue
+        if base.get("data") and (row := _row(base.get("name") or base["rev"][:7], base["data"])):
+            rows.append(row)
+        for exp in base.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("data") and (row := _row(rev.get("name") or exp.get("name") or rev["rev"][:7], rev["data"])):
+                    rows.append(row)
+    return rows
+
+
+def _changed_params(rows: list[dict]) -> dict[str, dict[str, object]]:
+    """Per row, the params that differ from the first (baseline) row, as dotted keys."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    base = flat(rows[0]["params"]) if rows else {}
+    return {r["name"]: {k: v for k, v in flat(r["params"]).items() if base.get(k) != v} for r in rows}
+
+
+def markdown_table(rows: list[dict], relations: bool = True) -> str:
+    changed = _changed_params(rows)
+    rel_names = list(rows[0]["metrics"].get("per_relation", {})) if rows and relations else []
+    head = ["experiment", "changed params"] + list(METRICS) + [f"MRR {r}" for r in rel_names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r["metrics"]
+        cells = [r["name"], ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items()) or "(baseline)"]
+        cells += [f"{m[k]:.4f}" if k != "mr" else f"{m[k]:.1f}" for k in METRICS]
+        cells += [f"{m['per_relation'][n]['mrr']:.4f}" if n in m.get("per_relation", {}) else "-" for n in rel_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_rows(rows: list[dict], param: str) -> list[dict]:
+    """One row per distinct value of `param` (the last experiment wins), sorted by that value."""
+    by_value = {}
+    for r in rows:
+        value = _get(r["params"], param)
+        if value is not None:
+            by_value[value] = {param.split(".")[-1]: value, **{k: r["metrics"][k] for k in METRICS}}
+    return [by_value[v] for v in sorted(by_value)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("table", help="markdown table of all experiments")
+    t.add_argument("--no-relations", action="store_true", help="omit the per-relation MRR columns")
+    s = sub.add_parser("sweep", help="CSV of the metrics against one param")
+    s.add_argument("--param", default="prune.k")
+    s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
+    for p in (t, s):
+        p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
+    args = ap.parse_args(argv)
+    rows = load_experiments(all_commits=args.all_commits)
+    if not rows:
+        sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
+    if args.command == "table":
+        print(markdown_table(rows, relations=not args.no_relations))
+    else:
+        points = sweep_rows(rows, args.param)
+        if not points:
+            sys.exit(f"no experiment sets {args.param}")
+        write_csv_rows(Path(args.out), points)
+        print(f"wrote {len(points)} points to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
