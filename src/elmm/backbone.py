@@ -57,10 +57,34 @@ class Backbone:
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(ids)
 
+    # ---- the five methods a backbone family implements --------------------------------------
+    def preprocess(self, image) -> torch.Tensor:
+        """One RGB PIL image -> the tensor `vision_features` takes (same shape for every image)."""
+        raise NotImplementedError
+
     @torch.inference_mode()
     def vision_features(self, pixel_values: torch.Tensor, feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the vision tower; return (CLS [B, Dv], patch tokens [B, M, Dv]) of `feature_layer`."""
+        """Run the vision tower on a batch of `preprocess` outputs; return (CLS [B, Dv], patch tokens
+        [B, M, Dv]) of `feature_layer`. These are what the encode stage stores."""
         raise NotImplementedError
+
+    def project_images(self, patches: torch.Tensor) -> torch.Tensor:
+        """Stored patch tokens [..., M, Dv] -> decoder-width image tokens [..., M', D] (frozen projector)."""
+        raise NotImplementedError
+
+    def project_cls(self, cls: torch.Tensor) -> torch.Tensor:
+        """Stored CLS tokens [..., Dv] -> [..., D], the visual view's query material."""
+        raise NotImplementedError
+
+    def projected_tokens(self, num_patches: int) -> int:
+        """M' for M stored patch tokens per image."""
+        return num_patches
+
+    @property
+    def start_token_id(self) -> int:
+        """The token that opens every prompt (BOS; tokenizers without one use their pad token)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
 
 
 class LlavaBackbone(Backbone):
@@ -82,11 +106,84 @@ class LlavaBackbone(Backbone):
             num_layers=cfg.text_config.num_hidden_layers,
         )
 
+    def preprocess(self, image) -> torch.Tensor:
+        return torch.from_numpy(self.image_processor(images=image, return_tensors="np")["pixel_values"][0])
+
     @torch.inference_mode()
     def vision_features(self, pixel_values: torch.Tensor, feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         hidden = out.hidden_states[feature_layer]  # [B, 1 + M, Dv]; CLIP puts CLS first
         return hidden[:, 0], hidden[:, 1:]
+
+    def project_images(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.projector(patches)  # LLaVA's MLP projector acts token by token
+
+    def project_cls(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.projector(cls)
+
+
+class Qwen2VLBackbone(Backbone):
+    """Qwen2-VL / Qwen2.5-VL style: a ViT whose patch merger (the projector) maps each 2x2 window of
+    patch tokens to one decoder token, and a Qwen2 decoder (q_proj/v_proj like Llama).
+
+    Choices: images are resized to one fixed square, so every image has the same patch grid; the
+    stored tokens are the vision blocks' output before the merger; Qwen's ViT has no CLS token, so
+    the mean of an image's patch tokens stands in for it (the merger maps it, repeated over a 2x2
+    window, to decoder width); the decoder gets plain 1-D positions (its M-RoPE with equal
+    sections), since the compressed image tokens form no spatial grid.
+    """
+
+    grid: torch.Tensor  # [1, 3] (t, h, w) patch grid of every image
+
+    @classmethod
+    def from_model(cls, name: str, model: nn.Module, tokenizer, image_processor) -> "Qwen2VLBackbone":
+        inner = model.model
+        cfg = model.config
+        self = cls(
+            name=name, model=model, vision_tower=inner.visual, projector=inner.visual.merger,
+            decoder=inner.language_model, lm_head=model.lm_head, tokenizer=tokenizer,
+            image_processor=image_processor, hidden_size=cfg.text_config.hidden_size,
+            vision_hidden_size=cfg.vision_config.embed_dim, num_layers=cfg.text_config.num_hidden_layers,
+        )
+        from PIL import Image
+
+        probe = image_processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")
+        self.grid = probe["image_grid_thw"]
+        self.merge = cfg.vision_config.spatial_merge_size ** 2
+        # Qwen keeps aspect ratios; a square of the processor's pixel budget gives one grid for all.
+        self.side = int(self.grid[0, 1]) * cfg.vision_config.patch_size
+        return self
+
+    def preprocess(self, image) -> torch.Tensor:
+        out = self.image_processor(images=image.resize((self.side, self.side)), return_tensors="pt")
+        if not torch.equal(out["image_grid_thw"], self.grid):
+            raise ValueError("the image processor must resize every image to one size (set min_pixels = max_pixels)")
+        return out["pixel_values"]  # [P, C * T * patch * patch]
+
+    @torch.inference_mode()
+    def vision_features(self, pixel_values: torch.Tensor, feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, p, _ = pixel_values.shape
+        flat = pixel_values.reshape(b * p, -1).to(self.vision_tower.get_dtype())
+        out = self.vision_tower(flat, grid_thw=self.grid.repeat(b, 1).to(flat.device), output_hidden_states=True)
+        hidden = out.hidden_states[feature_layer] if feature_layer != -1 else out.last_hidden_state
+        patches = hidden.reshape(b, p, -1)
+        return patches.mean(dim=1), patches
+
+    def project_images(self, patches: torch.Tensor) -> torch.Tensor:
+        *lead, m, dv = patches.shape
+        merged = self.projector.ln_q(patches).reshape(*lead, m // self.merge, self.merge * dv)
+        return self.projector.mlp(merged)
+
+    def project_cls(self, cls: torch.Tensor) -> torch.Tensor:
+        window = self.projector.ln_q(cls).repeat_interleave(self.merge, dim=-1)
+        return self.projector.mlp(window)
+
+    def projected_tokens(self, num_patches: int) -> int:
+        return num_patches // self.merge
+
+
+FAMILIES = {"llava": ("LlavaForConditionalGeneration", LlavaBackbone),
+            "qwen2_vl": ("Qwen2VLForConditionalGeneration", Qwen2VLBackbone)}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -143,23 +240,55 @@ def tiny_llava_config(tiny: TinyBackboneParams, vocab_size: int, pad_id: int, im
     )
 
 
-def build_tiny_backbone(out_dir: str | Path, tiny: TinyBackboneParams, texts: list[str], seed: int) -> None:
-    """Make the tiny LLaVA (random weights, local tokenizer) and save it with `save_pretrained`."""
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+def tiny_qwen2_vl_config(tiny: TinyBackboneParams, vocab_size: int, pad_id: int, image_id: int):
+    """A Qwen2-VL config of the tiny sizes (the decoder's M-RoPE sections sum to head_dim / 2)."""
+    from transformers import Qwen2VLConfig
+
+    half = tiny.hidden // tiny.heads // 2
+    sections = [half - 2 * (half // 3), half // 3, half // 3]
+    return Qwen2VLConfig(
+        vision_config={"depth": tiny.vision_layers, "embed_dim": tiny.vision_hidden, "hidden_size": tiny.hidden,
+                       "num_heads": tiny.vision_heads, "patch_size": tiny.patch_size, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "in_channels": 3, "mlp_ratio": 4},
+        text_config={"vocab_size": vocab_size, "hidden_size": tiny.hidden, "intermediate_size": tiny.intermediate,
+                     "num_hidden_layers": tiny.layers, "num_attention_heads": tiny.heads,
+                     "num_key_value_heads": tiny.heads, "max_position_embeddings": 4096, "pad_token_id": pad_id,
+                     "bos_token_id": 1, "eos_token_id": 2,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}},
+        image_token_id=image_id, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def build_tiny_backbone(out_dir: str | Path, tiny: TinyBackboneParams, texts: list[str], seed: int,
+                        family: str = "llava") -> None:
+    """Make a tiny model of `family` (random weights, local tokenizer); save it with `save_pretrained`.
+
+    family "llava" (the default pipeline) or "qwen2_vl" (shows the second adapter end to end).
+    """
+    import transformers
 
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
-    config = tiny_llava_config(tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<image>"))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if family == "llava":
+        config = tiny_llava_config(tiny, len(tokenizer), tokenizer.pad_token_id, image_id)
+        image_processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": tiny.image_size},
+            crop_size={"height": tiny.image_size, "width": tiny.image_size},
+        )
+    elif family == "qwen2_vl":
+        config = tiny_qwen2_vl_config(tiny, len(tokenizer), tokenizer.pad_token_id, image_id)
+        pixels = tiny.image_size * tiny.image_size  # one fixed size: every image gets the same patch grid
+        image_processor = transformers.Qwen2VLImageProcessor(
+            min_pixels=pixels, max_pixels=pixels, patch_size=tiny.patch_size, merge_size=2, temporal_patch_size=2)
+    else:
+        raise ValueError(f"unknown tiny backbone family {family!r} (llava, qwen2_vl)")
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": tiny.image_size},
-        crop_size={"height": tiny.image_size, "width": tiny.image_size},
-    )
+    model = getattr(transformers, FAMILIES[family][0])(config)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
-        write_json(tmp / "elmm_backbone.json", {"kind": "tiny", "seed": seed, "params": tiny.__dict__})
+        write_json(tmp / "elmm_backbone.json", {"kind": f"tiny-{family}", "seed": seed, "params": tiny.__dict__})
 
 
 def write_backbone_pointer(out_dir: str | Path, name: str) -> None:
@@ -181,7 +310,7 @@ def load_backbone(path: str | Path, dtype: torch.dtype | None = None, device: st
 
     Never passes trust_remote_code: only architectures that transformers itself implements load.
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     name = resolve_source(path)
     try:
@@ -194,14 +323,17 @@ def load_backbone(path: str | Path, dtype: torch.dtype | None = None, device: st
             f"there is network (`huggingface-cli download {name}`) and copy the HF cache (HF_HOME) here, or set "
             f"model.backbone to a local directory holding the checkpoint. Original error: {e}"
         ) from None
-    if config.model_type != "llava":
+    if config.model_type not in FAMILIES:
         raise BackboneError(
-            f"backbone {name!r} has model_type {config.model_type!r}; this version adapts LLaVA checkpoints "
-            "(see docs/backbones.md for adding another family)"
+            f"backbone {name!r} has model_type {config.model_type!r}; adapted families: {', '.join(FAMILIES)} "
+            "(docs/backbones.md says how to add one)"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(name, dtype=dtype or torch.float32)
+    import transformers
+
+    class_name, adapter = FAMILIES[config.model_type]
+    model = getattr(transformers, class_name).from_pretrained(name, dtype=dtype or torch.float32)
     model.to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name)
     image_processor = AutoImageProcessor.from_pretrained(name)
-    return LlavaBackbone.from_model(name, model, tokenizer, image_processor)
+    return adapter.from_model(name, model, tokenizer, image_processor)

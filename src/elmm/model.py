@@ -139,9 +139,11 @@ class ELMM(nn.Module):
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
                     text_embeds: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The image tokens entering the decoder: [B, P, D] and their mask [B, P]."""
-        b, n, m, _ = patches.shape
+        b, n = slot_mask.shape
         dtype = text_embeds.dtype
-        tokens = self.backbone.projector(patches.to(dtype)).reshape(b, n * m, -1)
+        tokens = self.backbone.project_images(patches.to(dtype))  # [B, N, M', D]
+        m = tokens.shape[2]
+        tokens = tokens.reshape(b, n * m, -1)
         token_mask = slot_mask.repeat_interleave(m, dim=1)
         if not self.config.mvtc_enabled:
             cap = self.config.max_image_tokens  # slots fill from 0, so the cap keeps real tokens first
@@ -149,7 +151,7 @@ class ELMM(nn.Module):
         views = []
         has_images = slot_mask.any(dim=1)
         if self.image_view is not None:
-            cls_proj = self.backbone.projector(cls.to(dtype))
+            cls_proj = self.backbone.project_cls(cls.to(dtype))
             views.append(self.image_view(masked_max(cls_proj, slot_mask, 1), tokens, token_mask))
         if self.text_view is not None:
             views.append(self.text_view(masked_max(text_embeds, text_mask, 1), tokens, token_mask))
@@ -162,7 +164,7 @@ class ELMM(nn.Module):
         text_embeds = self.backbone.embed_tokens(ids)
         images, image_mask = self.image_block(patches.to(device), cls.to(device), slot_mask.to(device), text_embeds, text_mask)
         b, p = image_mask.shape
-        bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.tokenizer.bos_token_id, device=device))
+        bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.start_token_id, device=device))
         embeds = torch.cat([bos, images.to(text_embeds.dtype), text_embeds], dim=1)
         attention_mask = self.decoder_mask(image_mask, text_mask)
         hidden = self.backbone.decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
@@ -185,9 +187,11 @@ class ELMM(nn.Module):
         return torch.cat([ones, image_mask, text_mask.to(image_mask.device)], dim=1)
 
     def image_mask(self, slot_mask: torch.Tensor, tokens_per_slot: int) -> torch.Tensor:
+        # tokens_per_slot: stored patch tokens per image (before the projector)
         """The image block's mask [B, P] without computing the block (same rule as image_block)."""
         if not self.config.mvtc_enabled:
-            return slot_mask.repeat_interleave(tokens_per_slot, dim=1)[:, : self.config.max_image_tokens]
+            m = self.backbone.projected_tokens(tokens_per_slot)
+            return slot_mask.repeat_interleave(m, dim=1)[:, : self.config.max_image_tokens]
         views = int(self.text_view is not None) + int(self.image_view is not None)
         return slot_mask.any(dim=1)[:, None].expand(-1, views * self.config.heads)
 
