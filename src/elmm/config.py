@@ -41,6 +41,7 @@ class DataParams:
     url: list[str] = field(default_factory=list)
     sha256: list[str] = field(default_factory=list)
     drop_unknown: bool = False
+    max_image_pixels: int = 64_000_000  # larger images are skipped at ingestion (decompression bombs)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
 
@@ -228,6 +229,14 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(s.knows_per_entity >= 0, "data.synthetic.knows_per_entity", "must be >= 0")
     if p.data.sha256:
         _require(len(p.data.sha256) == len(p.data.url), "data.sha256", "give one checksum per data.url entry")
+    for i, digest in enumerate(p.data.sha256):
+        _require(digest == "" or (len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest)),
+                 f"data.sha256[{i}]", f"{digest!r} is not a hex sha256 (64 characters) or \"\" (no check)")
+    for i, url in enumerate(p.data.url):
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        _require(url != "" and scheme in ("", "http", "https", "file"), f"data.url[{i}]",
+                 f"{url!r}: use https://, http://, file:// or a local path")
+    _require(p.data.max_image_pixels >= 1, "data.max_image_pixels", "must be at least 1")
     if p.data.name != "synthetic":
         _require(bool(p.data.url), "data.url", f"data.name={p.data.name} needs at least one archive or directory")
 

@@ -304,7 +304,7 @@ def load_kg(root: str | Path) -> KnowledgeGraph:
 def coverage(kg: KnowledgeGraph) -> dict:
     """The data report (metrics/data.json): sizes, image coverage, and the ranking candidate set."""
     counts = kg.entities["num_images"].to_numpy()
-    return {
+    report = {
         "source": kg.meta.get("source", ""),
         "entities": int(kg.num_entities),
         "relations": int(kg.num_relations),
@@ -319,3 +319,10 @@ def coverage(kg: KnowledgeGraph) -> dict:
         "candidates": int(kg.num_entities),
         "corrupt_images_known": int(kg.meta.get("corrupt_images", 0)),
     }
+    # Real sources (src/elmm/kg/ingest.py) record what validation removed; the synthetic world has none.
+    if "skipped_images" in kg.meta:
+        report["dropped_unknown_triples"] = kg.meta.get("dropped_unknown_triples", {})
+        report["duplicate_triples"] = kg.meta.get("duplicate_triples", {})
+        report["skipped_images"] = int(kg.meta["skipped_images"])
+        report["entities_without_text"] = int(kg.meta.get("entities_without_text", 0))
+    return report
