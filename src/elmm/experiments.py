@@ -30,6 +30,8 @@ def _get(tree: dict, dotted: str):
 
 
 def _row(name: str, data: dict) -> dict | None:
+    if data.get("rev") == "workspace" or data.get("timestamp") is None:
+        return None  # queued or still running: its files are not its own results yet
     metrics = data.get("metrics", {}).get(EVALUATE, {}).get("data")
     params = data.get("params", {}).get("params.yaml", {}).get("data")
     if not metrics or not params:
