@@ -37,3 +37,14 @@ def test_table_shows_changed_params_and_metrics():
 def test_sweep_points_sorted_by_param():
     points = sweep_rows(load_experiments(json.dumps(SHOW)), "prune.k")
     assert [(p["k"], p["mrr"]) for p in points] == [(0, 0.6), (4, 0.5), (8, 0.2)]
+
+
+def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
+    from elmm.experiments import queue_commands
+
+    cmds = queue_commands("prune.k=range(0,9,2)")
+    overrides = {c[c.index("-S") + 1] for c in cmds}
+    assert {"model.mvtc.image_view=false", "model.mvtc.text_view=false", "model.mvtc.enabled=false", "prune.k=0",
+            "prune.compensation=none", "prune.init=zero", "model.head=lm_head", "train.max_steps=0",
+            "prune.k=range(0,9,2)"} <= overrides
+    assert all(c[:4] == ["dvc", "exp", "run", "--queue"] for c in cmds)

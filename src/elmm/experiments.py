@@ -1,5 +1,7 @@
 """Turn finished DVC experiments into the paper's tables and figures.
 
+    python -m elmm.experiments queue                   # queue the paper's ablations (Table 3) + a K sweep
+    dvc queue start -j 1                               # run them (one at a time on a small machine)
     python -m elmm.experiments table                   # markdown table of every experiment (ablations)
     python -m elmm.experiments sweep --param prune.k   # CSV of metrics against a param, for `dvc plots`
 
@@ -18,6 +20,19 @@ from pathlib import Path
 from .io import write_csv_rows
 
 METRICS = ("mrr", "mr", "hits_at_1", "hits_at_3", "hits_at_10")
+
+# The paper's Table 3 as param overrides (README: "Ablations").
+ABLATIONS = {
+    "untrained": ["train.max_steps=0"],
+    "no-image-view": ["model.mvtc.image_view=false"],
+    "no-text-view": ["model.mvtc.text_view=false"],
+    "no-mvtc": ["model.mvtc.enabled=false"],
+    "no-pruning": ["prune.k=0"],
+    "no-linear": ["prune.compensation=none"],
+    "paper-wc": ["prune.compensation=paper"],
+    "no-init": ["prune.init=zero"],
+    "lm-head": ["model.head=lm_head"],
+}
 EVALUATE = "metrics/evaluate.json"
 
 
@@ -94,9 +109,20 @@ def sweep_rows(rows: list[dict], param: str) -> list[dict]:
     return [by_value[v] for v in sorted(by_value)]
 
 
+def queue_commands(sweep: str | None) -> list[list[str]]:
+    cmds = [["dvc", "exp", "run", "--queue", "-n", name] + [a for o in overrides for a in ("-S", o)]
+            for name, overrides in ABLATIONS.items()]
+    if sweep:
+        cmds.append(["dvc", "exp", "run", "--queue", "-S", sweep])
+    return cmds
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="queue every ablation (and a sweep) with dvc exp run --queue")
+    q.add_argument("--sweep", default="prune.k=range(0,9,2)", help="a -S sweep to queue too ('' for none)")
+    q.add_argument("--dry-run", action="store_true", help="print the commands only")
     t = sub.add_parser("table", help="markdown table of all experiments")
     t.add_argument("--no-relations", action="store_true", help="omit the per-relation MRR columns")
     s = sub.add_parser("sweep", help="CSV of the metrics against one param")
@@ -105,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     for p in (t, s):
         p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
     args = ap.parse_args(argv)
+    if args.command == "queue":
+        for cmd in queue_commands(args.sweep or None):
+            print(" ".join(cmd if "range(" not in cmd[-1] else cmd[:-1] + [f"'{cmd[-1]}'"]))
+            if not args.dry_run:
+                subprocess.run(cmd, check=True)
+        return
     rows = load_experiments(all_commits=args.all_commits)
     if not rows:
         sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
