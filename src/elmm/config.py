@@ -81,7 +81,9 @@ class ModelParams:
 class EncodeParams:
     feature_layer: int = -2
     batch_size: int = 64
-    shard_rows: int = 4096
+    shard_rows: int | None = None  # None: as many images as fit in ~256 MB
+    pool: int = 1  # p >= 2: p x p average pooling of the patch grid (0 and 1: none)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
 
 
 @dataclass
@@ -258,7 +260,12 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(p.model.max_image_tokens >= 1, "model.max_image_tokens", "must be at least 1")
 
     _require(p.encode.batch_size >= 1, "encode.batch_size", "must be at least 1")
-    _require(p.encode.shard_rows >= 1, "encode.shard_rows", "must be at least 1")
+    _require(p.encode.shard_rows is None or p.encode.shard_rows >= 1, "encode.shard_rows", "must be null or at least 1")
+    _require(p.encode.pool >= 0, "encode.pool", "must be >= 0 (0 and 1: no pooling)")
+    if p.encode.pool > 1 and p.model.backbone == "tiny":
+        grid = t.image_size // t.patch_size
+        _require(grid % p.encode.pool == 0, "encode.pool",
+                 f"{p.encode.pool} does not divide the tiny tower's {grid}x{grid} patch grid")
 
     _require(p.prune.k >= 0, "prune.k", "must be >= 0")
     if num_layers is not None:

@@ -1,48 +1,149 @@
-"""Vision encoding: every entity image through the vision tower once, stored as Parquet token shards.
+"""Vision encoding: every entity image through the vision tower once, stored as token shards.
 
-Shard layout (`data/encoded/shard-00000.parquet`, ...): one row per readable image, rows in
-(entity, slot) order, columns
-  entity  int32, slot int16,
-  cls     fixed_size_list<float16>[Dv]          the CLS token of `feature_layer`,
-  patches fixed_size_list<float16>[M * Dv]      the patch tokens, row-major [M, Dv].
-Fixed-size lists of float16 read back as one contiguous buffer, so `to_numpy` is a reshape.
-Shard k holds images [k * shard_rows, (k + 1) * shard_rows) of the KG's image list; a shard is
-written under a temporary name and renamed when complete, so a rerun skips finished shards and
-the result does not depend on interruptions. Unreadable images are skipped and counted in the
-shard's metadata.
+Output (`data/encoded/`)
+  shard-00000.parquet, ...  the stage's output format: one row per readable image, rows in
+      (entity, slot) order, columns
+        entity  int32, slot int16,
+        cls     fixed_size_list<float16>[Dv]        the CLS token of `feature_layer`,
+        patches fixed_size_list<float16>[M * Dv]    the patch tokens, row-major [M, Dv]
+      (M after `pool`). The schema metadata key `elmm` holds JSON: encoder, feature_layer, tokens,
+      tokens_unpooled, pool, width, dtype, compute (device/dtype the tower ran in), params_hash,
+      format, num_shards, shard_rows, and per shard its index and the files it skipped.
+  shard-00000.arrow, ...    the same table as an uncompressed Arrow IPC file (the read sidecar).
+  manifest.json             written by `finalize_encoding` once every shard exists.
+
+Why a sidecar. Parquet stores a fixed-size list as a LIST column with repetition/definition levels
+interleaved into its data pages, so even uncompressed it cannot be memory-mapped as one array:
+reading any row decodes (copies) its whole column chunk. An Arrow IPC file stores each column as
+one contiguous, aligned buffer, so `pa.memory_map` + `ipc.open_file` gives numpy views of the file
+with no copy and no allocation (checked by a test): [R, M, Dv] float16 per shard, paged in by the OS
+on access. `ImageTokens.get` fancy-indexes the ~B x N requested rows out of those views, so a batch
+costs its own bytes and the reader's RAM does not grow with the dataset. Each Parquet shard is
+converted once, by the worker that wrote it (or by `finalize_encoding` when a worker died in
+between); the reader itself never writes, because DVC outputs may be read-only cache links. The
+price is twice the disk (documented in the README); Parquet stays the interchange format any tool
+reads, the sidecar is a derived, byte-deterministic cache of it.
+
+Sharding and resumption. Shard k holds images [k * shard_rows, (k + 1) * shard_rows) of the KG's
+image list; batches never cross shards, so a shard's bytes depend only on its images and the
+params, never on which worker wrote it or when. A worker with `shard=(i, n)` encodes shards with
+k % n == i. Each file is written under a temporary name and renamed when complete, so a killed run
+leaves whole shards plus temporaries that the next run deletes; shards from other params (hash) or
+another compute device/dtype are stale and re-encoded. `finalize_encoding` checks that every shard
+exists and agrees, and writes the manifest.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from .io import atomic_path, write_json
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # bump when the shard layout changes: older shards then count as stale
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs instead of exhausting memory
+SHARD_BYTES = 256 * 2**20  # target shard size when shard_rows is None (DVC slows down with many files)
+PER_SHARD_KEYS = ("shard", "skipped")  # metadata that legitimately differs between shards
+_SHARD_RE = re.compile(r"shard-(\d{5})\.(parquet|arrow)$")
 
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.parquet"
 
 
+def sidecar_name(k: int) -> str:
+    return f"shard-{k:05d}.arrow"
+
+
+# ---- worker assignment ---------------------------------------------------------------------------
+def worker_assignment(spec: str | None, env: Mapping[str, str] = os.environ) -> tuple[int, int, bool]:
+    """(index, count, torchrun) of this worker.
+
+    `spec` "i/N" (from `--shard`) wins; otherwise torchrun's RANK / WORLD_SIZE are used (then the
+    workers can synchronise); otherwise one worker does everything.
+    """
+    if spec is not None:
+        try:
+            i, n = (int(v) for v in spec.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard {spec!r}: expected i/N, e.g. 0/4") from None
+        torchrun = False
+    elif int(env.get("WORLD_SIZE", "1")) > 1:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        torchrun = True
+    else:
+        return 0, 1, False
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < N")
+    return i, n, torchrun
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(cores: int | None = None) -> int:
+    """DataLoader workers for `cores` cores: one is left for the process running the tower."""
+    return max(0, min(8, (cores or available_cores()) - 1))
+
+
+# ---- pooling -------------------------------------------------------------------------------------
+def pooled_tokens(tokens: int, pool: int) -> int:
+    """Patch tokens per image after `pool` x `pool` average pooling of the (square) patch grid."""
+    if pool <= 1:
+        return tokens
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"encode.pool={pool}: the tower's {tokens} patch tokens are not a square grid")
+    if grid % pool:
+        raise ValueError(f"encode.pool={pool} does not divide the {grid}x{grid} patch grid "
+                         f"(divisors: {[d for d in range(1, grid + 1) if grid % d == 0]})")
+    return (grid // pool) ** 2
+
+
+def pool_patches(patches: torch.Tensor, pool: int) -> torch.Tensor:
+    """[B, M, Dv] -> [B, M / pool^2, Dv]: average over pool x pool blocks of the row-major grid."""
+    if pool <= 1:
+        return patches
+    b, m, d = patches.shape
+    grid = math.isqrt(m)
+    pooled_tokens(m, pool)  # validates
+    x = patches.transpose(1, 2).reshape(b, d, grid, grid).float()  # float32: fp16 sums lose bits
+    return F.avg_pool2d(x, pool).flatten(2).transpose(1, 2).to(patches.dtype)
+
+
+def _probe(backbone, feature_layer: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(patch tokens, width) of one image, from a blank picture through the tower: every shard,
+    even one holding only corrupt images, then has the same schema, whatever the family."""
+    pixels = _preprocess_fn(backbone)(Image.new("RGB", (64, 64)))[None].to(device, dtype)
+    cls, patches = backbone.vision_features(pixels, feature_layer)
+    return patches.shape[1], patches.shape[2]
+
+
+# ---- encoding ------------------------------------------------------------------------------------
 class _ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses in DataLoader workers; a bad file yields None instead of raising."""
 
-    def __init__(self, rows: list[tuple[int, int, str]], image_processor):
+    def __init__(self, rows: list[tuple[int, int, str]], preprocess):
         self.rows = rows
-        self.image_processor = image_processor
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -54,83 +155,128 @@ class _ImageDataset(torch.utils.data.Dataset):
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ValueError(f"{im.width}x{im.height} pixels exceeds the limit")
                 im = im.convert("RGB")
-            pixels = self.image_processor(images=im, return_tensors="np")["pixel_values"][0]
-            return entity, slot, torch.from_numpy(np.ascontiguousarray(pixels)), None
+            return entity, slot, self.preprocess(im).contiguous(), None
         except Exception as e:  # any decode problem: skip this image, keep the stage running
             return entity, slot, None, f"{Path(path).parent.name}/{Path(path).name} (entity {entity}): {type(e).__name__}"
 
 
+def _preprocess_fn(backbone):
+    """The backbone's own `preprocess` (one PIL image -> tensor), or its HF image processor."""
+    if hasattr(backbone, "preprocess"):
+        return backbone.preprocess
+    processor = backbone.image_processor
+    return lambda im: torch.from_numpy(processor(images=im, return_tensors="np")["pixel_values"][0])
+
+
 def _collate(items):
-    return items
+    """Stack in the worker, so the main process only moves one tensor per batch."""
+    good = [it for it in items if it[2] is not None]
+    pixels = torch.stack([it[2] for it in good]) if good else None
+    return [it[0] for it in good], [it[1] for it in good], pixels, [it[3] for it in items if it[2] is None], len(items)
 
 
 @dataclass
 class EncodeResult:
-    shards: int
-    images: int
-    encoded: int
-    skipped: list[str]
-    seconds: float
-    images_encoded_now: int
+    shards: int  # shards of the whole dataset
+    images: int  # images listed in the KG
+    encoded: int  # images encoded by this call (0 when every shard of this worker existed)
+    skipped: list[str]  # unreadable images met by this call
+    seconds: float  # wall time of this call's encoding (loader start-up, tower, writing)
+    images_encoded_now: int  # = encoded (kept for callers of the first version)
+    shards_written: list[int] = field(default_factory=list)
+    shards_reused: list[int] = field(default_factory=list)
+    shard_rows: int = 0
 
 
-def encode_kg_images(kg, backbone, out_dir: str | Path, *, feature_layer: int, batch_size: int, shard_rows: int,
-                     metadata: dict, num_workers: int = 1, shard: tuple[int, int] = (0, 1),
-                     device: str = "cpu", dtype: torch.dtype = torch.float32) -> EncodeResult:
-    """Encode the images of `kg` into shards under `out_dir`; shards already present are kept.
+def encode_kg_images(kg, backbone, out_dir: str | Path, *, feature_layer: int, batch_size: int,
+                     shard_rows: int | None, metadata: dict, num_workers: int = 1, shard: tuple[int, int] = (0, 1),
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pool: int = 1,
+                     progress: bool = True) -> EncodeResult:
+    """Encode this worker's shards of `kg`'s images into `out_dir`; finished shards are kept.
 
-    `shard=(i, n)` encodes only shards with index % n == i, so n processes (on any nodes) split the
-    work; `finalize_encoding` then checks that every shard exists and writes the manifest.
+    `shard=(i, n)`: only shards with index % n == i, so n processes (on any nodes) split the work;
+    `finalize_encoding` then checks that every shard exists and writes the manifest. `metadata`
+    must hold `params_hash`; shards with another hash or compute device/dtype are re-encoded.
+    `shard_rows=None` sizes shards to about SHARD_BYTES.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    raw_tokens, width = _probe(backbone, feature_layer, device, dtype)
+    tokens = pooled_tokens(raw_tokens, pool)  # fails before any work if pool does not fit the grid
+    if pool > 1 and hasattr(backbone, "projected_tokens") and backbone.projected_tokens(raw_tokens) != raw_tokens:
+        raise ValueError(f"encode.pool={pool}: {type(backbone).__name__}'s projector merges neighbouring patch "
+                         "tokens itself and needs them unpooled; set encode.pool: 1")
+    if shard_rows is None:
+        shard_rows = max(1, SHARD_BYTES // (2 * width * (tokens + 1) + 6))
     rows = [(int(e), int(s), str(kg.root / p)) for e, s, p in kg.images[["entity", "slot", "path"]].itertuples(index=False)]
     num_shards = max(1, math.ceil(len(rows) / shard_rows))
-    mine = [k for k in range(num_shards) if k % shard[1] == shard[0]]
-    for k in mine:  # a shard from other params or data (persisted output) is stale: drop it
-        path = out_dir / shard_name(k)
-        if path.exists() and _shard_meta(path).get("params_hash") != metadata.get("params_hash"):
-            path.unlink()
+    index, count = shard
+    meta = {"encoder": backbone.name, **metadata, "format": FORMAT, "feature_layer": feature_layer, "width": width,
+            "tokens": tokens, "tokens_unpooled": raw_tokens, "pool": max(1, pool), "dtype": "float16",
+            "compute": f"{device.type}/{str(dtype).removeprefix('torch.')}", "num_shards": num_shards,
+            "shard_rows": shard_rows}
+    mine = [k for k in range(num_shards) if k % count == index]
+    _drop_stale(out_dir, mine, meta)
     todo = [k for k in mine if not (out_dir / shard_name(k)).exists()]
-    width = backbone.vision_hidden_size
-    meta = {**metadata, "feature_layer": feature_layer, "width": width, "dtype": "float16"}
+    reused = [k for k in mine if k not in todo]
+    for k in reused:  # a worker died between the Parquet file and its sidecar
+        if not (out_dir / sidecar_name(k)).exists():
+            write_sidecar(out_dir / shard_name(k), out_dir / sidecar_name(k))
 
-    skipped: list[str] = []
-    encoded_now = 0
-    start = time.perf_counter()
-    bar = tqdm(total=sum(len(rows[k * shard_rows:(k + 1) * shard_rows]) for k in todo), desc="encode", unit="img")
+    batches, owner = [], []
     for k in todo:
-        part = rows[k * shard_rows:(k + 1) * shard_rows]
+        lo, hi = k * shard_rows, min(len(rows), (k + 1) * shard_rows)
+        for b in range(lo, hi, batch_size):
+            batches.append(list(range(b, min(b + batch_size, hi))))
+            owner.append(k)
+    left = Counter(owner)
+    buffers: dict[int, dict[str, list]] = {k: {"ents": [], "slots": [], "cls": [], "patches": [], "bad": []} for k in todo}
+    start = time.perf_counter()
+    for k in todo:
+        if not left[k]:  # no images in this shard's range (an empty KG)
+            _write_shard(out_dir, k, buffers.pop(k), width, tokens, meta)
+    encoded_now, skipped = 0, []
+    if batches:
+        # One loader for all of this worker's shards: its processes start once, and prefetch
+        # keeps decoding while the tower runs.
         loader = torch.utils.data.DataLoader(
-            _ImageDataset(part, backbone.image_processor), batch_size=batch_size, num_workers=num_workers,
-            collate_fn=_collate, persistent_workers=False,
+            _ImageDataset(rows, _preprocess_fn(backbone)), batch_sampler=batches, num_workers=num_workers,
+            collate_fn=_collate, pin_memory=device.type == "cuda",
         )
-        ents, slots, cls_parts, patch_parts, bad = [], [], [], [], []
-        for items in loader:
-            good = [it for it in items if it[2] is not None]
-            bad += [it[3] for it in items if it[2] is None]
-            if good:
-                pixels = torch.stack([it[2] for it in good]).to(device=device, dtype=dtype)
-                cls, patches = backbone.vision_features(pixels, feature_layer)
-                ents += [it[0] for it in good]
-                slots += [it[1] for it in good]
-                cls_parts.append(cls.to(torch.float16).cpu().numpy())
-                patch_parts.append(patches.to(torch.float16).cpu().numpy())
-            bar.update(len(items))
-        _write_shard(out_dir / shard_name(k), ents, slots, cls_parts, patch_parts, width, {**meta, "skipped": bad})
-        skipped += bad
-        encoded_now += len(ents)
-    bar.close()
+        bar = tqdm(total=sum(len(b) for b in batches), desc="encode", unit="img", disable=not progress)
+        with torch.inference_mode():
+            for k, (ents, slots, pixels, bad, n_items) in zip(owner, loader):
+                buf = buffers[k]
+                buf["bad"] += bad
+                if pixels is not None:
+                    cls, patches = backbone.vision_features(pixels.to(device, dtype, non_blocking=True), feature_layer)
+                    if patches.shape[1:] != (raw_tokens, width):
+                        raise RuntimeError(f"vision tower returned patches {tuple(patches.shape[1:])}, expected "
+                                           f"({raw_tokens}, {width}): images must all preprocess to one size")
+                    cls, patches = cls.to(torch.float16), pool_patches(patches, pool).to(torch.float16)
+                    if not (torch.isfinite(cls).all() and torch.isfinite(patches).all()):
+                        raise RuntimeError("vision tower output overflows float16; use encode.precision: fp32")
+                    buf["ents"] += ents
+                    buf["slots"] += slots
+                    buf["cls"].append(cls.cpu().numpy())
+                    buf["patches"].append(patches.cpu().numpy())
+                bar.update(n_items)
+                left[k] -= 1
+                if left[k] == 0:
+                    encoded_now += len(buf["ents"])
+                    skipped += buf["bad"]
+                    _write_shard(out_dir, k, buffers.pop(k), width, tokens, meta)
+        bar.close()
     seconds = time.perf_counter() - start
-    return EncodeResult(num_shards, len(rows), encoded_now, skipped, seconds, encoded_now)
+    return EncodeResult(num_shards, len(rows), encoded_now, skipped, seconds, encoded_now, todo, reused, shard_rows)
 
 
-def _write_shard(path: Path, ents, slots, cls_parts, patch_parts, width: int, meta: dict) -> None:
-    n = len(ents)
-    cls = np.concatenate(cls_parts) if cls_parts else np.zeros((0, width), np.float16)
-    patches = np.concatenate(patch_parts) if patch_parts else np.zeros((0, 1, width), np.float16)
-    tokens = patches.shape[1]
-    meta = {**meta, "tokens": int(tokens)}
+def _write_shard(out_dir: Path, k: int, buf: dict, width: int, tokens: int, meta: dict) -> None:
+    """Write shard k (Parquet, then its sidecar), each atomically."""
+    cls = np.concatenate(buf["cls"]) if buf["cls"] else np.zeros((0, width), np.float16)
+    patches = np.concatenate(buf["patches"]) if buf["patches"] else np.zeros((0, tokens, width), np.float16)
+    meta = {**meta, "shard": k, "skipped": buf["bad"]}
     schema = pa.schema(
         [("entity", pa.int32()), ("slot", pa.int16()),
          ("cls", pa.list_(pa.float16(), width)), ("patches", pa.list_(pa.float16(), tokens * width))],
@@ -138,52 +284,150 @@ def _write_shard(path: Path, ents, slots, cls_parts, patch_parts, width: int, me
     )
     table = pa.table(
         {
-            "entity": pa.array(np.asarray(ents, np.int32)),
-            "slot": pa.array(np.asarray(slots, np.int16)),
+            "entity": pa.array(np.asarray(buf["ents"], np.int32)),
+            "slot": pa.array(np.asarray(buf["slots"], np.int16)),
             "cls": pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1)), width),
             "patches": pa.FixedSizeListArray.from_arrays(pa.array(patches.reshape(-1)), tokens * width),
         },
         schema=schema,
     )
-    assert table.num_rows == n
-    with atomic_path(path) as tmp:
+    with atomic_path(out_dir / shard_name(k)) as tmp:
         # Uncompressed: float16 activations barely compress, and plain pages read back fastest.
         pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=False)
+    write_sidecar(out_dir / shard_name(k), out_dir / sidecar_name(k))
 
 
-def _shard_meta(path: Path) -> dict:
+def write_sidecar(parquet: Path, sidecar: Path) -> None:
+    """Convert a finished Parquet shard into its memory-mappable Arrow IPC file (one record batch).
+
+    Always made from the file on disk, never from memory, so the sidecar is a pure function of the
+    Parquet bytes whether it is written right away or after a crash.
+    """
+    table = pq.read_table(parquet).combine_chunks()  # one chunk -> one contiguous buffer per column
+    with atomic_path(sidecar) as tmp:
+        with pa.OSFile(str(tmp), "wb") as f, ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+
+
+def _parquet_meta(path: Path) -> dict:
     try:
         return json.loads(pq.ParquetFile(path).schema_arrow.metadata[b"elmm"])
     except Exception:  # unreadable or foreign file: treat as stale
         return {}
 
 
-def finalize_encoding(out_dir: str | Path, expected_shards: int) -> dict:
-    """Check that every shard exists (after all workers), gather their metadata into the manifest."""
+def _sidecar_meta(path: Path) -> dict:
+    try:
+        with pa.memory_map(str(path)) as source:
+            return json.loads(ipc.open_file(source).schema.metadata[b"elmm"])
+    except Exception:  # truncated or foreign file: treat as stale
+        return {}
+
+
+def _common(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in PER_SHARD_KEYS}
+
+
+def _drop_stale(out_dir: Path, mine: list[int], meta: dict) -> None:
+    """Remove this worker's leftovers: temporaries of a killed run, shards from other params
+    (the output directory persists across runs), sidecars whose Parquet shard is gone or differs."""
+    for k in mine:
+        for tmp in out_dir.glob(f".shard-{k:05d}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        parquet, sidecar = out_dir / shard_name(k), out_dir / sidecar_name(k)
+        if parquet.exists() and _common(_parquet_meta(parquet)) != _common(meta):
+            parquet.unlink()
+        if sidecar.exists() and (not parquet.exists() or _sidecar_meta(sidecar) != _parquet_meta(parquet)):
+            sidecar.unlink()
+
+
+def finalize_encoding(out_dir: str | Path, expected_shards: int | None = None) -> dict:
+    """After all workers: check that every shard exists and agrees, complete missing sidecars,
+    remove leftovers of other runs, and write the manifest (returned).
+
+    `expected_shards` defaults to the count recorded in the shards themselves.
+    """
     out_dir = Path(out_dir)
+    if expected_shards is None:
+        found = sorted(out_dir.glob("shard-*.parquet"))
+        if not found:
+            raise RuntimeError(f"{out_dir}: no shards; run the encode workers first")
+        expected_shards = int(_parquet_meta(found[0]).get("num_shards", 0)) or len(found)
     missing = [shard_name(k) for k in range(expected_shards) if not (out_dir / shard_name(k)).exists()]
     if missing:
-        raise RuntimeError(f"{out_dir}: {len(missing)} shard(s) missing, e.g. {missing[0]}; rerun the encode workers")
-    shards, skipped, rows, meta = [], [], 0, None
+        raise RuntimeError(f"{out_dir}: {len(missing)} of {expected_shards} shard(s) missing "
+                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                           "run the encode workers (`--shard i/N`) until every shard exists")
+    skipped, rows, meta = [], 0, None
     for k in range(expected_shards):
-        pf = pq.ParquetFile(out_dir / shard_name(k))
-        m = _shard_meta(out_dir / shard_name(k))
-        skipped += m.pop("skipped")
+        parquet, sidecar = out_dir / shard_name(k), out_dir / sidecar_name(k)
+        m = _parquet_meta(parquet)
+        if not sidecar.exists() or _sidecar_meta(sidecar) != m:
+            write_sidecar(parquet, sidecar)
         if meta is None:
-            meta = m
-        elif {key: v for key, v in m.items() if key != "tokens"} != {key: v for key, v in meta.items() if key != "tokens"}:
-            raise RuntimeError(f"{out_dir / shard_name(k)}: metadata differs from shard 0 (stale shard from other params?)")
-        rows += pf.metadata.num_rows
-        shards.append(shard_name(k))
-    manifest = {**meta, "shards": shards, "rows": rows, "skipped": skipped}
+            meta = _common(m)
+        elif _common(m) != meta:
+            diff = sorted(key for key in set(meta) | set(_common(m)) if meta.get(key) != m.get(key))
+            raise RuntimeError(f"{parquet}: metadata differs from shard 0 in {diff} (stale shard from other params "
+                               "or another device/precision?); delete it and rerun its worker")
+        skipped += m.get("skipped", [])
+        rows += pq.ParquetFile(parquet).metadata.num_rows
+    for path in out_dir.iterdir():  # all workers are done: what is not ours now is a leftover
+        hit = _SHARD_RE.fullmatch(path.name)
+        if (hit and int(hit.group(1)) >= expected_shards) or (path.name.startswith(".shard-") and path.name.endswith(".tmp")):
+            path.unlink()
+    manifest = {**meta, "shards": [shard_name(k) for k in range(expected_shards)],
+                "sidecars": [sidecar_name(k) for k in range(expected_shards)], "rows": rows, "skipped": skipped}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+# ---- reading -------------------------------------------------------------------------------------
+class _Rows:
+    """One field ([..., *row_shape] float16 per (entity, slot)): either per-shard arrays that view
+    memory-mapped sidecars, addressed through `index` [E, N] of global row ids (-1 = empty slot),
+    or one dense in-memory tensor [E, N, *row_shape]."""
+
+    def __init__(self, parts: list[np.ndarray], index: np.ndarray, row_shape: tuple[int, ...]):
+        self.parts, self.index, self.row_shape = parts, index, row_shape
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_dense(cls, tensor: torch.Tensor) -> "_Rows":
+        rows = cls([], np.zeros((0, 0), np.int64), tuple(tensor.shape[2:]))
+        rows.dense = tensor
+        return rows
+
+    def full(self, num_entities: int) -> torch.Tensor:
+        """All entities: the dense tensor itself (so in-place edits stick) or a fresh copy."""
+        return self.dense if self.dense is not None else self.gather(np.arange(num_entities))
+
+    def gather(self, entities: np.ndarray) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense[torch.from_numpy(entities)]
+        ids = self.index[entities]
+        out = np.zeros(ids.shape + self.row_shape, np.float16)  # empty slots stay zero
+        flat_ids, flat_out = ids.reshape(-1), out.reshape((-1, *self.row_shape))
+        pos = np.flatnonzero(flat_ids >= 0)
+        part = np.searchsorted(self.offsets, flat_ids[pos], side="right") - 1
+        for p in np.unique(part):  # usually one shard, or a handful: one fancy-index read each
+            sel = pos[part == p]
+            flat_out[sel] = self.parts[p][flat_ids[sel] - self.offsets[p]]
+        return torch.from_numpy(out)
 
 
 class ImageTokens:
     """Reader for the encoded shards: image tokens, CLS tokens and slot mask per entity.
 
-    Holds the tokens as one float16 tensor per field, indexed by entity; `get` gathers a batch.
+    Opens the shards' Arrow sidecars as memory maps (zero-copy numpy views; nothing is read until
+    used) and keeps only a [num_entities, num_images] row index and the mask in RAM. `get` copies
+    the requested entities' rows into fresh tensors. Slots are numbered densely per entity:
+    skipped (corrupt) images leave no hole, so mask[e] is True for slots 0..k-1 of an entity
+    with k readable images, and all False for an entity without any.
+
+    `patches` / `cls` return the full dense tensors (materialised on access: small KGs, tests);
+    assigning a tensor to either keeps it in memory and `get` reads from it from then on.
     """
 
     def __init__(self, directory: str | Path, num_entities: int, max_images: int | None = None):
@@ -192,40 +436,73 @@ class ImageTokens:
         if not manifest_path.exists():
             raise FileNotFoundError(f"{manifest_path}: missing; run `dvc repro encode`")
         self.manifest = json.loads(manifest_path.read_text())
-        width = self.manifest["width"]
-        tables = [pq.read_table(directory / s) for s in self.manifest["shards"]]
-        table = pa.concat_tables(tables) if tables else None
-        tokens = max((t.schema.field("patches").type.list_size // width for t in tables if t.num_rows), default=1)
-        ent = table.column("entity").to_numpy() if table is not None else np.zeros(0, np.int32)
-        # Slots are re-numbered densely: skipped (corrupt) images leave no hole.
-        counts = np.bincount(ent, minlength=num_entities) if len(ent) else np.zeros(num_entities, np.int64)
-        if len(counts) > num_entities:
-            raise ValueError(f"{directory}: entity index {len(counts) - 1} out of range for {num_entities} entities")
+        if self.manifest.get("format") != FORMAT or "sidecars" not in self.manifest:
+            raise ValueError(f"{directory}: written by another version of the encoder; rerun `dvc repro encode`")
+        width, tokens = int(self.manifest["width"]), int(self.manifest["tokens"])
+        self._maps, patch_parts, cls_parts, ents, slots = [], [], [], [], []
+        for name in self.manifest["sidecars"]:
+            source = pa.memory_map(str(directory / name))  # kept open: the arrays below view it
+            batches = ipc.open_file(source)
+            meta = json.loads(batches.schema.metadata[b"elmm"])
+            if meta.get("params_hash") != self.manifest.get("params_hash"):
+                raise ValueError(f"{directory / name}: params hash differs from the manifest; rerun `dvc repro encode`")
+            table = batches.read_all()
+            if table.num_rows and table.column("entity").num_chunks != 1:
+                raise ValueError(f"{directory / name}: expected one record batch")
+            self._maps.append(source)
+            ents.append(_column(table, "entity", np.int32))
+            slots.append(_column(table, "slot", np.int16))
+            cls_parts.append(_fixed_list(table, "cls", (width,)))
+            patch_parts.append(_fixed_list(table, "patches", (tokens, width)))
+        ent = np.concatenate(ents) if ents else np.zeros(0, np.int32)
+        slot = np.concatenate(slots) if slots else np.zeros(0, np.int16)
+        if len(ent) and (ent.min() < 0 or ent.max() >= num_entities):
+            raise ValueError(f"{directory}: entity index {int(ent.max())} out of range for {num_entities} entities")
+        counts = np.bincount(ent, minlength=num_entities)
         n = int(counts.max()) if len(ent) else 1
         n = max(1, min(n, max_images) if max_images else n)
+        # Dense slot j of a row = its rank among its entity's rows in (entity, slot) order.
+        order = np.lexsort((slot, ent))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        rank = np.arange(len(ent)) - starts[ent[order]]
+        keep = rank < n
+        index = np.full((num_entities, n), -1, np.int64)
+        index[ent[order][keep], rank[keep]] = order[keep]
         self.num_images, self.num_tokens, self.width = n, tokens, width
-        self.patches = torch.zeros(num_entities, n, tokens, width, dtype=torch.float16)
-        self.cls = torch.zeros(num_entities, n, width, dtype=torch.float16)
-        self.mask = torch.zeros(num_entities, n, dtype=torch.bool)
-        if table is not None and table.num_rows:
-            cls = _fixed_list_numpy(table.column("cls"), width)
-            patches = _fixed_list_numpy(table.column("patches"), tokens * width).reshape(-1, tokens, width)
-            order = np.lexsort((table.column("slot").to_numpy(), ent))
-            fill = np.zeros(num_entities, np.int64)
-            for row in order:
-                e = ent[row]
-                j = fill[e]
-                if j < n:
-                    self.patches[e, j] = torch.from_numpy(patches[row])
-                    self.cls[e, j] = torch.from_numpy(cls[row])
-                    self.mask[e, j] = True
-                fill[e] += 1
+        self.mask = torch.from_numpy(index >= 0)
+        self._patches = _Rows(patch_parts, index, (tokens, width))
+        self._cls = _Rows(cls_parts, index, (width,))
 
     def get(self, entities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(patches [B, N, M, Dv], cls [B, N, Dv], mask [B, N]) for a batch of entity indices."""
-        return self.patches[entities], self.cls[entities], self.mask[entities]
+        e = torch.as_tensor(entities).cpu().numpy().astype(np.int64, copy=False)
+        return self._patches.gather(e), self._cls.gather(e), self.mask[torch.from_numpy(e)]
+
+    @property
+    def patches(self) -> torch.Tensor:
+        return self._patches.full(len(self.mask))
+
+    @patches.setter
+    def patches(self, value: torch.Tensor) -> None:
+        self._patches = _Rows.from_dense(value)
+
+    @property
+    def cls(self) -> torch.Tensor:
+        return self._cls.full(len(self.mask))
+
+    @cls.setter
+    def cls(self, value: torch.Tensor) -> None:
+        self._cls = _Rows.from_dense(value)
 
 
-def _fixed_list_numpy(column: pa.ChunkedArray, size: int) -> np.ndarray:
-    chunks = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, size) for c in column.chunks]
-    return np.concatenate(chunks) if chunks else np.zeros((0, size), np.float16)
+def _column(table: pa.Table, name: str, dtype) -> np.ndarray:
+    col = table.column(name)
+    return col.chunk(0).to_numpy() if col.num_chunks else np.zeros(0, dtype)
+
+
+def _fixed_list(table: pa.Table, name: str, row_shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed_size_list<float16> column as a read-only [R, *row_shape] view of its buffer (no copy)."""
+    col = table.column(name)
+    if not col.num_chunks or not len(col):
+        return np.zeros((0, *row_shape), np.float16)
+    return col.chunk(0).flatten().to_numpy(zero_copy_only=True).reshape((-1, *row_shape))
