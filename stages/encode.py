@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from _common import device, params, setup
 
-from elmm.backbone import build_tiny_backbone, load_backbone, write_backbone_pointer
+from elmm.backbone import TINY_BACKBONES, build_tiny_backbone, load_backbone, write_backbone_pointer
 from elmm.io import write_json
 from elmm.kg.format import load_kg
 from elmm.vision import available_cores, default_workers, encode_kg_images, finalize_encoding, worker_assignment
@@ -36,17 +36,17 @@ def params_hash(p) -> str:
     """Every shard carries this: a shard left from other params or other data is never reused.
     DataLoader workers and the device are not in it (the compute device/dtype is checked apart)."""
     fingerprint = json.dumps({"encode": asdict(p.encode), "backbone": p.model.backbone,
-                              "tiny": asdict(p.model.tiny) if p.model.backbone == "tiny" else None, "seed": p.seed,
+                              "tiny": asdict(p.model.tiny) if p.model.backbone in TINY_BACKBONES else None, "seed": p.seed,
                               "images": hashlib.sha256((KG_DIR / "images.parquet").read_bytes()).hexdigest()},
                              sort_keys=True)
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
 def prepare(p, kg) -> None:
-    if p.model.backbone == "tiny":
+    if p.model.backbone in TINY_BACKBONES:
         texts = kg.entities["name"].tolist() + kg.entities["description"].tolist() + kg.relations["name"].tolist()
         texts += ["entity: relation: inverse of , ?"]
-        build_tiny_backbone(BACKBONE_DIR, p.model.tiny, texts, p.seed)
+        build_tiny_backbone(BACKBONE_DIR, p.model.tiny, texts, p.seed, family=TINY_BACKBONES[p.model.backbone])
     else:
         write_backbone_pointer(BACKBONE_DIR, p.model.backbone)
 
@@ -136,7 +136,7 @@ def main() -> None:
         # Decode workers and tower threads split the cores: oversubscribed intra-op threads spin and
         # measured 20x slower on 2 busy cores (70 vs 1,660 img/s, tiny tower).
         torch.set_num_threads(max(1, share - workers))
-    encoder = p.model.backbone if p.model.backbone != "tiny" else "tiny-llava"
+    encoder = p.model.backbone if p.model.backbone != "tiny" else "tiny-llava"  # tiny-qwen2-vl names itself
     res = encode_kg_images(kg, backbone, OUT_DIR, feature_layer=p.encode.feature_layer, batch_size=p.encode.batch_size,
                            shard_rows=p.encode.shard_rows, pool=p.encode.pool, num_workers=workers,
                            metadata={"encoder": encoder, "params_hash": params_hash(p)}, shard=(rank, world),

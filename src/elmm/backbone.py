@@ -27,6 +27,8 @@ from .config import TinyBackboneParams
 from .io import atomic_dir, write_json
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+# model.backbone values built locally (random weights) -> the family built
+TINY_BACKBONES = {"tiny": "llava", "tiny-qwen2-vl": "qwen2_vl"}
 SOURCE_FILE = "source.json"  # a backbone dir holding only this points at a hub name or another dir
 
 

@@ -69,7 +69,7 @@ class MVTCParams:
 
 @dataclass
 class ModelParams:
-    backbone: str = "tiny"
+    backbone: str = "tiny"  # tiny | tiny-qwen2-vl (built locally) | a HF name or local checkpoint dir
     tiny: TinyBackboneParams = field(default_factory=TinyBackboneParams)
     mvtc: MVTCParams = field(default_factory=MVTCParams)
     head: Literal["completion", "lm_head"] = "completion"
@@ -262,6 +262,10 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(p.encode.batch_size >= 1, "encode.batch_size", "must be at least 1")
     _require(p.encode.shard_rows is None or p.encode.shard_rows >= 1, "encode.shard_rows", "must be null or at least 1")
     _require(p.encode.pool >= 0, "encode.pool", "must be >= 0 (0 and 1: no pooling)")
+    if p.model.backbone == "tiny-qwen2-vl":  # Qwen's merger maps 2x2 patch windows to one token
+        _require((t.image_size // t.patch_size) % 2 == 0, "model.tiny.image_size",
+                 "tiny-qwen2-vl needs an even number of patches per side (its merger takes 2x2 windows)")
+        _require(p.encode.pool <= 1, "encode.pool", "tiny-qwen2-vl merges patches itself: use pool 1")
     if p.encode.pool > 1 and p.model.backbone == "tiny":
         grid = t.image_size // t.patch_size
         _require(grid % p.encode.pool == 0, "encode.pool",
