@@ -1,0 +1,175 @@
+"""Query latency/throughput and training throughput of the ELMM evaluate/train path, side by side.
+
+Three configurations measured in one run, on the same random inputs:
+  all_tokens   w/o MVTC: all N x M image tokens enter the decoder
+  mvtc         MVTC (2 x heads tokens), no pruning
+  mvtc_pruned  MVTC with K attention sub-blocks replaced by x + x W_c
+
+    python benchmarks/query.py                          # tiny default backbone, CPU (what CI machines reproduce)
+    python benchmarks/query.py --scale llava-1.5-7b     # LLaVA-1.5-7B decoder shape, random weights (GPU, bf16)
+
+Prints one JSON object: ms per query at batch 1 and at --batch, queries/s, training triples/s and
+peak memory per configuration, and the ratios pruned vs unpruned and compressed vs all tokens.
+Needs only torch, transformers, peft and tokenizers (no dvc, no faiss): it runs on the GPU image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from elmm.backbone import LlavaBackbone, build_tiny_backbone, load_backbone, train_tokenizer
+from elmm.config import TinyBackboneParams
+from elmm.model import ELMM, ELMMConfig, elmm_loss
+from elmm.prompt import TextBatch
+from elmm.pruning.layers import prune_layers
+from elmm.workspace import add_lora, set_trainable
+
+SCALES = {
+    # LLaVA-1.5-7B: Llama-2-7B decoder, CLIP ViT-L/14-336 tower (576 patches of width 1024 per image)
+    "llava-1.5-7b": dict(hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32064,
+                         vision_hidden=1024, patches=576, images=10, heads_per_view=32, k=16, entities=14541),
+}
+
+
+def tiny_backbone(device, dtype):
+    tmp = tempfile.mkdtemp(prefix="elmm-bench-")
+    texts = ["entity: relation: inverse of , ?", "a painter known in the northern region"] * 20
+    build_tiny_backbone(tmp, TinyBackboneParams(), texts, seed=0)
+    b = load_backbone(tmp, dtype=dtype, device=device)
+    return b, dict(patches=16, images=10, heads_per_view=8, k=4, entities=319, layers=b.num_layers)
+
+
+def scale_backbone(name: str, device, dtype):
+    """The published shape with random weights: nothing is downloaded."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    s = SCALES[name]
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=s["vision_hidden"], intermediate_size=4096, num_hidden_layers=1,
+                                       num_attention_heads=16, image_size=336, patch_size=14),
+        text_config=LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                                num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                num_key_value_heads=s["heads"], max_position_embeddings=4096),
+        vision_feature_layer=-2,
+    )
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.requires_grad_(False)
+    tokenizer = train_tokenizer(["entity relation"], 300)
+    b = LlavaBackbone.from_model(name, model, tokenizer, None)
+    return b, dict(s)
+
+
+def inputs(b, shape: dict, batch: int, text_len: int, device):
+    g = torch.Generator().manual_seed(0)
+    n, m, dv = shape["images"], shape["patches"], b.vision_hidden_size
+    patches = torch.randn(batch, n, m, dv, generator=g).half().to(device)
+    cls = torch.randn(batch, n, dv, generator=g).half().to(device)
+    slots = torch.ones(batch, n, dtype=torch.bool, device=device)
+    ids = torch.randint(5, 250, (batch, text_len), generator=g).to(device)
+    text = TextBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.full((batch,), text_len // 2, device=device),
+                     torch.full((batch,), text_len - 1, device=device), torch.full((batch,), text_len // 2, device=device))
+    return patches, cls, slots, text
+
+
+def timed(fn, device, repeats: int) -> float:
+    for _ in range(2):  # warm-up (allocator, kernels)
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = {}
+    for cfg_name in ("all_tokens", "mvtc", "mvtc_pruned"):
+        b, shape = (scale_backbone(args.scale, device, dtype) if args.scale else tiny_backbone(device, dtype))
+        k = shape["k"] if cfg_name == "mvtc_pruned" else 0
+        layers = list(range(b.num_layers - k, b.num_layers))  # which layers does not matter for cost
+        prune_layers(b.layers, {i: torch.zeros(b.hidden_size, b.hidden_size, device=device, dtype=dtype) for i in layers})
+        config = ELMMConfig(num_entities=shape["entities"], mvtc_enabled=cfg_name != "all_tokens",
+                            heads=shape["heads_per_view"], pruned_layers=layers, compensation="ridge",
+                            max_image_tokens=shape["images"] * shape["patches"])
+        model = ELMM(b, config).to(device=device, dtype=dtype)
+        row = {}
+        with torch.inference_mode():
+            for batch in (1, args.batch):
+                x = inputs(b, shape, batch, args.text_tokens, device)
+                sec = timed(lambda: model(*x), device, args.repeats)
+                row[f"ms_per_query_b{batch}"] = round(1000 * sec / batch, 4)
+                row[f"queries_per_second_b{batch}"] = round(batch / sec, 1)
+            row["decoder_tokens"] = 1 + model(*inputs(b, shape, 1, args.text_tokens, device)).image_tokens + args.text_tokens
+        # Training step: forward + backward + AdamW on LoRA, MVTC, completion layer, compensation.
+        add_lora(model, 8, 16, 0.0)
+        model.to(device=device, dtype=dtype)
+        set_trainable(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x = inputs(b, shape, args.train_batch, args.text_tokens, device)
+        targets = torch.randint(0, shape["entities"], (args.train_batch,), device=device)
+        neg = torch.randint(0, shape["entities"], (args.train_batch, 32), device=device)
+        mask = torch.ones_like(neg, dtype=torch.bool)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            loss = elmm_loss(model(*x).scores.float(), targets, neg, mask)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sec = timed(step, device, max(3, args.repeats // 2))
+        row["train_triples_per_second"] = round(args.train_batch / sec, 1)
+        if device.type == "cuda":
+            row["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        results[cfg_name] = row
+        del model, opt, b
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    r = results
+    big = f"b{args.batch}"
+    return {
+        "benchmark": "query",
+        "scale": args.scale or "tiny",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": args.batch, "train_batch": args.train_batch, "text_tokens": args.text_tokens,
+        "results": results,
+        "ratios": {
+            "pruned_vs_unpruned_b1": round(r["mvtc"]["ms_per_query_b1"] / r["mvtc_pruned"]["ms_per_query_b1"], 3),
+            f"pruned_vs_unpruned_{big}": round(r["mvtc"][f"ms_per_query_{big}"] / r["mvtc_pruned"][f"ms_per_query_{big}"], 3),
+            "compressed_vs_all_tokens_b1": round(r["all_tokens"]["ms_per_query_b1"] / r["mvtc"]["ms_per_query_b1"], 3),
+            f"compressed_vs_all_tokens_{big}": round(r["all_tokens"][f"ms_per_query_{big}"] / r["mvtc"][f"ms_per_query_{big}"], 3),
+            "train_pruned_vs_unpruned": round(r["mvtc_pruned"]["train_triples_per_second"] / r["mvtc"]["train_triples_per_second"], 3),
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=sorted(SCALES), help="a published shape with random weights (GPU)")
+    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--text-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=10)
+    print(json.dumps(measure(ap.parse_args()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
