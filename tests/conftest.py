@@ -104,3 +104,62 @@ def micro_workspace(make_workspace):
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+# ---- a micro pipeline project for the stage tests (test_training.py, test_predict.py) --------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.fixture(scope="session")
+def make_project(micro_env, tmp_path_factory):
+    """Factory: a directory laid out like the repository after `dvc repro calibrate` (params.yaml
+    with `overrides`, data/kg, data/backbone, data/encoded linked to the micro env, decoder layer 1
+    pruned with a fixed W_c), in which the train/evaluate stage scripts run (see `run_stage`)."""
+    import yaml
+
+    from elmm.config import to_dict
+    from elmm.workspace import PRUNING_FILE, save_pruning
+
+    def make(overrides: dict | None = None) -> Path:
+        root = tmp_path_factory.mktemp("project")
+        raw = _deep_update(to_dict(micro_env.params), overrides or {})
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        (root / "data" / "pruning").mkdir(parents=True)
+        for name, target in (("kg", micro_env.kg_dir), ("backbone", micro_env.backbone_dir),
+                             ("encoded", micro_env.encoded_dir)):
+            (root / "data" / name).symlink_to(target, target_is_directory=True)
+        w = torch.randn(MICRO.hidden, MICRO.hidden, generator=torch.Generator().manual_seed(1)) * 0.01
+        save_pruning(root / "data" / "pruning" / PRUNING_FILE, [1], {1: w}, "ridge", "closed_form")
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_stage():
+    """run_stage(name, project, **kwargs): stages/<name>.py's main(**kwargs) in-process, cwd = project."""
+    import contextlib
+    import importlib.util
+    import sys
+
+    stages = ROOT / "stages"
+    if str(stages) not in sys.path:
+        sys.path.insert(0, str(stages))  # the stage scripts import their sibling _common
+
+    def run(name: str, project: Path, **kwargs):
+        spec = importlib.util.spec_from_file_location(f"elmm_stage_{name}", stages / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with contextlib.chdir(project):
+            return module.main(**kwargs)
+
+    return run

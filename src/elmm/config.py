@@ -119,12 +119,23 @@ class TrainParams:
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     lora: LoraParams = field(default_factory=LoraParams)
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (also at every epoch end); 0 = never
+    hard_negatives: Literal["none", "faiss"] = "none"
+    hard_negatives_pool: int = 16  # nearest entity vectors of the target to draw hard negatives from
+    hard_negatives_fraction: float = 0.5  # share of train.negatives drawn from that pool, the rest uniform
+    hard_negatives_refresh: int = 50  # optimizer steps between rebuilds of the nearest-neighbour table
 
 
 @dataclass
 class EvaluateParams:
     split: Literal["valid", "test"] = "test"
     batch_size: int = 128
+    index: Literal["flat", "hnsw", "ivf"] = "flat"  # faiss index over the entity vectors (flat = exact)
+    index_k: int = 10  # top-k of the recall@k check of the index against the exact model scores
+    index_hnsw_m: int = 32
+    index_ef_search: int = 64
+    index_nlist: int = 0  # IVF lists; 0 = about sqrt(entities)
+    index_nprobe: int = 4
 
 
 @dataclass
@@ -292,7 +303,17 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(tr.lora.r >= 1, "train.lora.r", "must be at least 1")
     _require(tr.lora.alpha >= 1, "train.lora.alpha", "must be at least 1")
     _check_fraction(tr.lora.dropout, "train.lora.dropout", closed=False)
-    _require(p.evaluate.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+    _require(tr.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 disables periodic checkpoints)")
+    _require(tr.hard_negatives_pool >= 1, "train.hard_negatives_pool", "must be at least 1")
+    _check_fraction(tr.hard_negatives_fraction, "train.hard_negatives_fraction")
+    _require(tr.hard_negatives_refresh >= 1, "train.hard_negatives_refresh", "must be at least 1")
+    ev = p.evaluate
+    _require(ev.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
+    _require(ev.index_k >= 1, "evaluate.index_k", "must be at least 1")
+    _require(ev.index_hnsw_m >= 2, "evaluate.index_hnsw_m", "must be at least 2")
+    _require(ev.index_ef_search >= 1, "evaluate.index_ef_search", "must be at least 1")
+    _require(ev.index_nlist >= 0, "evaluate.index_nlist", "must be >= 0 (0 = about sqrt(entities))")
+    _require(ev.index_nprobe >= 1, "evaluate.index_nprobe", "must be at least 1")
 
 
 def from_dict(raw: dict | None) -> Params:

@@ -1,0 +1,321 @@
+"""Training at scale and the ranking pass: determinism, resume, DDP, hard negatives, the faiss index.
+
+The stage tests run stages/train.py and stages/evaluate.py in a micro project (conftest
+`make_project`): 39 entities, 86 training triples (172 queries), a 3-layer backbone with layer 1
+pruned. The DDP test launches 2 CPU processes with torchrun (gloo on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from elmm import training
+from elmm.evaluation import FilterIndex
+from elmm.retrieval import build_index, exact_topk, fold_queries, folded_vectors, recall_at_k, search_filtered
+from elmm.training import (Dist, NegativeSampler, TrainingInterrupted, derive_seed, evaluate_ranking, lr_lambda,
+                           nearest_entities, train_model)
+from elmm.workspace import build_model, forward_batch, make_batch, queries_from_triples, set_trainable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 172 queries / (16 x 2) -> 6 steps per epoch, 12 in all.
+TRAIN = {"epochs": 2, "batch_size": 16, "grad_accum": 2, "negatives": 4, "warmup_steps": 2, "lr": 0.002,
+         "checkpoint_every": 3, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+UNIFORM = {"train": TRAIN, "evaluate": {"batch_size": 16, "index": "hnsw", "index_k": 5}}
+HARD = {"train": {**TRAIN, "hard_negatives": "faiss", "hard_negatives_pool": 6, "hard_negatives_refresh": 4},
+        "evaluate": {"batch_size": 16}}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads per run are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tensors(project: Path) -> dict[str, torch.Tensor]:
+    out = load_file(str(project / "data/model/elmm.safetensors"))
+    adapter = project / "data/model/adapter.safetensors"
+    if adapter.exists():
+        out.update({f"adapter.{k}": v for k, v in load_file(str(adapter)).items()})
+    return out
+
+
+def curves(project: Path) -> dict[str, list]:
+    """metrics/train/plots/metrics/*.tsv without the timestamp column, plus metrics.json."""
+    out = {"metrics.json": json.loads((project / "metrics/train/metrics.json").read_text())}
+    for tsv in sorted((project / "metrics/train/plots/metrics").rglob("*.tsv")):
+        lines = [line.split("\t") for line in tsv.read_text().splitlines()]
+        keep = [i for i, col in enumerate(lines[0]) if col != "timestamp"]
+        out[str(tsv.relative_to(project))] = [[row[i] for i in keep] for row in lines]
+    return out
+
+
+def evaluation(project: Path) -> dict:
+    """metrics/evaluate.json without the timing figures (they are wall-clock measurements)."""
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    ev.pop("efficiency")
+    for key in ("build_seconds", "ms_per_query", "flat_ms_per_query"):
+        ev["index"].pop(key, None)
+    return ev
+
+
+def set_params(project: Path, **train) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].update(train)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def fresh(make_project, run_stage):
+    """Uninterrupted train + evaluate runs, one per params set, built on first use."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            project = make_project({"uniform": UNIFORM, "hard": HARD}[name])
+            run_stage("train", project)
+            run_stage("evaluate", project)
+            cache[name] = project
+        return cache[name]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------- pieces
+def test_lr_schedule_warmup_then_cosine() -> None:
+    f = lr_lambda(4, 20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0) and f(30) == pytest.approx(0.0)
+
+
+def test_derive_seed_is_stable_and_distinct() -> None:
+    assert derive_seed(0, 1, 5) == derive_seed(0, 1, 5)
+    seeds = {derive_seed(0, purpose, step) for purpose in (1, 2, 3) for step in range(100)}
+    assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(-1, 2) >= 0  # negative seeds are fine
+
+
+@pytest.mark.parametrize("n, world", [(9, 2), (1, 2), (7, 3), (16, 4)])
+def test_rank_slices_partition_every_batch(n: int, world: int) -> None:
+    rows = [list(range(*Dist(rank, world, rank, True).slice(n))) for rank in range(world)]
+    assert sum(rows, []) == list(range(n))
+    assert max(map(len, rows)) - min(map(len, rows)) <= 1
+
+
+def test_non_finite_loss_stops_naming_the_step(make_workspace, micro_env, monkeypatch) -> None:
+    ws = make_workspace()
+    model = build_model(ws, seed=0)
+    set_trainable(model)
+    queries = queries_from_triples(ws.kg.triples["train"])
+    tp = copy.deepcopy(micro_env.params.train)  # the session params are shared: never mutate them
+    tp.batch_size, tp.max_steps = 16, 5
+    calls = {"n": 0}
+    real = training.elmm_loss
+
+    def loss(*args):
+        calls["n"] += 1
+        value = real(*args)
+        return value * float("nan") if calls["n"] == 3 else value  # the third micro-batch = step 3
+
+    monkeypatch.setattr(training, "elmm_loss", loss)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 3 \(epoch 1\)"):
+        train_model(model, ws, queries, FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0,
+                    progress=False)
+
+
+def test_ranking_does_not_depend_on_the_query_batch_size(micro_workspace) -> None:
+    """Chunked scoring: the metrics are the same whether queries go 1, 5 or all at a time."""
+    model = build_model(micro_workspace, seed=0)
+    kg = micro_workspace.kg
+    queries = queries_from_triples(kg.triples["test"])
+    filters = FilterIndex(kg.all_triples(), kg.num_entities)
+    results = [evaluate_ranking(model, micro_workspace, queries, filters, b, progress=False).metrics
+               for b in (1, 5, len(queries))]
+    assert results[0] == results[1] == results[2]
+    assert results[0]["count"] == len(queries) == 22
+
+
+def test_nearest_entities_exclude_self_and_match_brute_force() -> None:
+    v = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    table = nearest_entities(v, 5)
+    assert table.shape == (50, 5)
+    assert not (table == torch.arange(50)[:, None]).any()
+    cos = torch.nn.functional.normalize(v, dim=1) @ torch.nn.functional.normalize(v, dim=1).T
+    cos.fill_diagonal_(-2)
+    assert torch.equal(table, cos.topk(5, dim=1).indices)
+    assert nearest_entities(v[:3], 10).shape == (3, 2)  # pool capped at E - 1
+
+
+def test_hard_negative_sampler_draws_from_the_target_neighbours(micro_env) -> None:
+    tp = copy.deepcopy(micro_env.params.train)
+    tp.hard_negatives, tp.negatives, tp.hard_negatives_fraction, tp.self_denoise = "faiss", 8, 0.5, True
+    sampler = NegativeSampler(tp)
+    e = 30
+    sampler.table = torch.randint(0, e, (e, 6), generator=torch.Generator().manual_seed(0))
+    q = queries_from_triples(np.array([[0, 0, 5], [1, 1, 7], [2, 0, 9]]))
+    known = torch.zeros(len(q), e, dtype=torch.bool)
+    known[0, sampler.table[q.targets[0], 0]] = True
+    neg, mask = sampler.sample(q, known, torch.Generator().manual_seed(1))
+    assert neg.shape == (len(q), 9)  # 4 hard + 4 uniform + the anchor
+    for row in range(len(q)):
+        assert set(neg[row, :4].tolist()) <= set(sampler.table[q.targets[row]].tolist())
+        assert neg[row, -1] == q.anchors[row]
+    assert torch.equal(mask, ~known.gather(1, neg))
+
+
+def test_filtered_search_over_fetches_and_drops_known_answers() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((200, 16)).astype(np.float32)
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    flat = build_index(base, "flat")
+    exact = exact_topk(torch.from_numpy(queries @ base.T), 10)
+    ids, scores = search_filtered(flat, queries, 10)
+    assert (ids == exact).all() and np.all(np.diff(scores, axis=1) <= 0)
+    # Remove each query's 7 best: the next 10 come back, none of the removed.
+    known = torch.zeros(20, 200, dtype=torch.bool)
+    known.scatter_(1, torch.from_numpy(exact[:, :7]), True)
+    ids, _ = search_filtered(flat, queries, 10, known)
+    assert (ids == exact_topk(torch.from_numpy(queries @ base.T), 10, known)).all()
+    assert not known.gather(1, torch.from_numpy(ids)).any()
+    for kind in ("hnsw", "ivf"):
+        approx = build_index(base, kind, nprobe=14)
+        recall = recall_at_k(search_filtered(approx, queries, 10, known)[0], ids).mean()
+        assert recall >= 0.9, (kind, recall)
+
+
+@pytest.mark.parametrize("head", ["completion", "lm_head"])
+def test_folded_bias_reproduces_the_model_scores(make_workspace, head) -> None:
+    """Inner products of [E'_m, 1] with the rows [w_e, b_e] are the scoring head's scores."""
+    ws = make_workspace()
+    model = build_model(ws, seed=0, head=head).eval()
+    with torch.no_grad():
+        layer = model.completion.entities if head == "completion" else model.entity_embedding
+        layer.bias.normal_()  # a real bias, not zeros
+        q = queries_from_triples(ws.kg.triples["test"][:4])
+        out = forward_batch(model, make_batch(ws, q))
+    assert_close(torch.from_numpy(fold_queries(out.query) @ folded_vectors(model).T), out.scores, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- stages
+def test_same_params_give_the_same_metrics_twice(fresh, make_project, run_stage) -> None:
+    again = make_project(UNIFORM)
+    run_stage("train", again)
+    run_stage("evaluate", again)
+    first = fresh("uniform")
+    assert curves(again) == curves(first)
+    assert evaluation(again) == evaluation(first)
+    a, b = tensors(first), tensors(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["uniform", "hard"])
+def test_interrupted_run_resumes_to_the_same_result(name, fresh, make_project, run_stage, capsys) -> None:
+    project = make_project({"uniform": UNIFORM, "hard": HARD}[name])
+    # Killed after step 5: the last checkpoint is step 3, so steps 4-5 are redone on resume.
+    with pytest.raises(TrainingInterrupted):
+        run_stage("train", project, stop_after_steps=5)
+    state = json.loads((project / "data/checkpoints/last/state.json").read_text())
+    assert state["step"] == 3 and (project / "data/checkpoints/.gitignore").read_text().strip().endswith("*")
+    assert (project / "data/checkpoints/last/negatives.safetensors").exists() == (name == "hard")
+    capsys.readouterr()
+    run_stage("train", project)
+    assert "resuming from data/checkpoints/last at step 3 of 12" in capsys.readouterr().out
+    run_stage("evaluate", project)
+    reference = fresh(name)
+    a, b = tensors(reference), tensors(project)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert curves(project) == curves(reference)
+    assert evaluation(project) == evaluation(reference)
+    assert not (project / "data/checkpoints/last").exists()  # a finished run leaves nothing to resume
+
+
+def test_mismatching_checkpoint_is_ignored(make_project, run_stage, capsys) -> None:
+    project = make_project(UNIFORM)
+    with pytest.raises(TrainingInterrupted):
+        run_stage("train", project, stop_after_steps=3)
+    set_params(project, lr=0.001, max_steps=4)
+    capsys.readouterr()
+    run_stage("train", project)
+    out = capsys.readouterr().out
+    assert "ignoring data/checkpoints/last: written for other params, inputs or code" in out
+    assert "resuming" not in out
+    summary = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert summary["steps"] == 4 and summary["train"]["lr"] == pytest.approx(0.0)
+
+
+def test_checkpoint_every_does_not_change_the_fingerprint(micro_env) -> None:
+    p = copy.deepcopy(micro_env.params)
+    a = training.training_fingerprint(p, [])
+    p.train.checkpoint_every += 7
+    assert training.training_fingerprint(p, []) == a
+    p.train.lr *= 2
+    assert training.training_fingerprint(p, []) != a
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(make_project, run_stage) -> None:
+    """torchrun, 2 CPU processes (gloo): the same weights as one process with the same global batch."""
+    # 172 queries / (9 x 2) -> 10 steps; the last micro-batch has one row, so one rank's slice is empty.
+    overrides = {"train": {**TRAIN, "epochs": 1, "batch_size": 9, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                 "evaluate": {"batch_size": 16}}
+    single, ddp = make_project(overrides), make_project(overrides)
+    run_stage("train", single)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "stages" / "train.py")]
+    proc = subprocess.run(cmd, cwd=ddp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout and proc.stdout.count("train: epoch 1 valid") == 1  # rank 0 only
+    config = json.loads((ddp / "data/model/config.json").read_text())
+    assert config["best_epoch"] == 1 and config["summary"]["steps"] == 10  # trained weights, not the initial ones
+    assert json.loads((single / "data/model/config.json").read_text())["best_epoch"] == 1
+    a, b = tensors(single), tensors(ddp)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    loss_single = [float(r[-1]) for r in curves(single)["metrics/train/plots/metrics/train/loss.tsv"][1:]]
+    loss_ddp = [float(r[-1]) for r in curves(ddp)["metrics/train/plots/metrics/train/loss.tsv"][1:]]
+    assert len(loss_ddp) == 10  # logged once, by rank 0
+    assert loss_ddp == pytest.approx(loss_single, rel=1e-5)
+
+
+def test_evaluate_json_has_every_field(fresh) -> None:
+    ev = json.loads((fresh("uniform") / "metrics/evaluate.json").read_text())
+    for key in ("mr", "mrr", "hits_at_1", "hits_at_3", "hits_at_10", "mrr_optimistic", "mrr_pessimistic", "mrr_gap",
+                "amr", "candidates", "filtered_candidates_mean", "queries", "head", "tail", "per_relation", "ranks"):
+        assert key in ev, key
+    assert ev["candidates"] == 39 and ev["queries"] == 22
+    assert ev["mrr_optimistic"] >= ev["mrr"] >= ev["mrr_pessimistic"]
+    assert ev["ranks"] == {"kind": "realistic", "tie_atol": 1e-5, "tie_rtol": 1e-4, "filter": "train+valid+test"}
+    eff = ev["efficiency"]
+    assert eff["image_tokens_per_query"] == 4 and eff["image_tokens_without_mvtc"] == 3 * 4  # 3 images x 2x2 patches
+    assert eff["queries_per_second"] > 0 and eff["ms_per_query"] >= eff["forward_ms_per_query"] > 0
+    index = ev["index"]
+    assert index["kind"] == "hnsw" and index["k"] == 5 and index["dim"] == 3 * 32 + 1
+    assert index["flat_recall_at_k"] == pytest.approx(1.0) and 0.8 <= index["recall_at_k"] <= 1.0
+    info = json.loads((fresh("uniform") / "data/index/index.json").read_text())
+    assert info["files"] == ["entities.faiss", "entities-hnsw.faiss"] and info["bias_folded"]
+    train = json.loads((fresh("uniform") / "metrics/train/metrics.json").read_text())
+    assert train["steps"] == 12 and train["epochs"] == 2 and "valid" in train
