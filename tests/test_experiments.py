@@ -34,8 +34,12 @@ def test_table_shows_changed_params_and_metrics():
     assert "| k0 | prune.k=0 | 0.6000 | 10.0 |" in table and "| 0.3000 |" in lines[3]
 
 
-def test_sweep_points_sorted_by_param():
-    points = sweep_rows(load_experiments(json.dumps(SHOW)), "prune.k")
+def test_sweep_points_sorted_by_param_and_skip_other_ablations():
+    show = json.loads(json.dumps(SHOW))
+    other = _rev("ablation", 4, 0.01)
+    other["data"]["params"]["params.yaml"]["data"]["seed"] = 1  # same k, another change: not a sweep point
+    show[1]["experiments"].append({"revs": [other]})
+    points = sweep_rows(load_experiments(json.dumps(show)), "prune.k")
     assert [(p["k"], p["mrr"]) for p in points] == [(0, 0.6), (4, 0.5), (8, 0.2)]
 
 

@@ -100,11 +100,13 @@ def markdown_table(rows: list[dict], relations: bool = True) -> str:
 
 
 def sweep_rows(rows: list[dict], param: str) -> list[dict]:
-    """One row per distinct value of `param` (the last experiment wins), sorted by that value."""
+    """One row per distinct value of `param`, sorted by that value, from the baseline and the
+    experiments that change nothing but `param` (an ablation at the same value is not a sweep point)."""
+    changed = _changed_params(rows)
     by_value = {}
     for r in rows:
         value = _get(r["params"], param)
-        if value is not None:
+        if value is not None and set(changed[r["name"]]) <= {param} and value not in by_value:
             by_value[value] = {param.split(".")[-1]: value, **{k: r["metrics"][k] for k in METRICS}}
     return [by_value[v] for v in sorted(by_value)]
 
