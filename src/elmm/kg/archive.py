@@ -98,6 +98,20 @@ def _check_zip(archive: Path, infos: list[zipfile.ZipInfo]) -> None:
             raise UnsafeArchiveError(f"{archive}: refusing member {info.filename!r}: encrypted")
 
 
+def _write_members(root: Path, archive: Path, members) -> None:
+    """Write checked members (name, is_dir, open) under `root`; every path is re-checked on the way."""
+    for name, is_dir, open_member in members:
+        parts = _safe_parts(archive, name)
+        if not parts:
+            continue
+        dest = _target(root, parts, archive, name)
+        if is_dir:
+            dest.mkdir(parents=True, exist_ok=True)
+        else:
+            with open_member() as src:
+                _copy(src, dest)
+
+
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Extract `archive` (zip or tar) into `target`, which it replaces atomically; returns `target`.
 
@@ -121,31 +135,11 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
             with zipfile.ZipFile(archive) as zf:
                 infos = zf.infolist()
                 _check_zip(archive, infos)  # all members first: refuse before writing anything
-                for info in infos:
-                    parts = _safe_parts(archive, info.filename)
-                    if not parts:
-                        continue
-                    dest = _target(tmp, parts, archive, info.filename)
-                    if info.is_dir():
-                        dest.mkdir(parents=True, exist_ok=True)
-                    else:
-                        with zf.open(info) as src:
-                            _copy(src, dest)
+                _write_members(tmp, archive, [(i.filename, i.is_dir(), lambda i=i: zf.open(i)) for i in infos])
         else:
             # "r:*" reads plain, gz, bz2 and xz tars; one pass over the members list, then reads.
             with tarfile.open(archive, "r:*") as tf:
                 members = tf.getmembers()
-                _check_tar(archive, members)
-                for m in members:
-                    parts = _safe_parts(archive, m.name)
-                    if not parts:
-                        continue
-                    dest = _target(tmp, parts, archive, m.name)
-                    if m.isdir():
-                        dest.mkdir(parents=True, exist_ok=True)
-                    else:
-                        src = tf.extractfile(m)
-                        assert src is not None  # regular file, checked above
-                        with src:
-                            _copy(src, dest)
+                _check_tar(archive, members)  # regular files and directories only from here on
+                _write_members(tmp, archive, [(m.name, m.isdir(), lambda m=m: tf.extractfile(m)) for m in members])
     return target
