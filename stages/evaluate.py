@@ -100,7 +100,9 @@ def main() -> None:
           f"Hits@3 {m['hits_at_3']:.4f}  Hits@10 {m['hits_at_10']:.4f}  ({res.queries} queries, "
           f"{res.queries_per_second:.1f}/s)")
     for name, r in m["per_relation"].items():
-        print(f"evaluate:   {name:24s} MRR {r['mrr']:.4f}  Hits@10 {r['hits_at_10']:.4f}  ({r['count']} queries)")
+        sides = "  ".join(f"{side} {r[side]['mrr']:.4f}" for side in ("tail", "head") if side in r)
+        print(f"evaluate:   {name:24s} MRR {r['mrr']:.4f} ({sides})  Hits@10 {r['hits_at_10']:.4f}  "
+              f"({r['count']} queries)")
     if meters:
         print(f"evaluate: index {ev.index} recall@{ev.index_k} {index_report['recall_at_k']:.4f} "
               f"(flat {index_report['flat_recall_at_k']:.4f}) -> {INDEX_DIR}")

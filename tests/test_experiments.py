@@ -2,15 +2,17 @@
 
 import json
 
-from elmm.experiments import load_experiments, markdown_table, sweep_rows
+import pytest
+
+from elmm.experiments import load_experiments, markdown_table, queue_commands, seed_table, sweep_rows
 
 
-def _rev(name, k, mrr, running=False):
+def _rev(name, k, mrr, running=False, seed=0):
     metrics = {"mr": 10.0, "mrr": mrr, "hits_at_1": 0.1, "hits_at_3": 0.2, "hits_at_10": 0.3,
-               "per_relation": {"knows": {"mrr": mrr / 2}}}
+               "per_relation": {"knows": {"mrr": mrr / 2, "tail": {"mrr": mrr / 4}}}}
     return {"rev": f"{name}-rev", "name": name, "data": {
         "rev": "workspace" if running else f"{name}-rev", "timestamp": None if running else "2026-11-23T09:00:00",
-        "params": {"params.yaml": {"data": {"prune": {"k": k}, "seed": 0}}},
+        "params": {"params.yaml": {"data": {"prune": {"k": k}, "seed": seed, "train": {"lr": 3e-4}}}},
         "metrics": {"metrics/evaluate.json": {"data": metrics}}}}
 
 
@@ -37,10 +39,40 @@ def test_table_shows_changed_params_and_metrics():
 def test_sweep_points_sorted_by_param_and_skip_other_ablations():
     show = json.loads(json.dumps(SHOW))
     other = _rev("ablation", 4, 0.01)
-    other["data"]["params"]["params.yaml"]["data"]["seed"] = 1  # same k, another change: not a sweep point
+    other["data"]["params"]["params.yaml"]["data"]["train"]["lr"] = 1e-3  # same k, another change: not a sweep point
     show[1]["experiments"].append({"revs": [other]})
     points = sweep_rows(load_experiments(json.dumps(show)), "prune.k")
-    assert [(p["k"], p["mrr"]) for p in points] == [(0, 0.6), (4, 0.5), (8, 0.2)]
+    assert [(p["k"], p["mrr"], p["seeds"], p["mrr_sd"]) for p in points] == [(0, 0.6, 1, 0.0), (4, 0.5, 1, 0.0),
+                                                                          (8, 0.2, 1, 0.0)]
+
+
+def test_sweep_averages_seed_replicates():
+    show = json.loads(json.dumps(SHOW))
+    show[1]["experiments"] += [{"revs": [_rev("k0-s1", 0, 0.4, seed=1)]}, {"revs": [_rev("k0-s2", 0, 0.5, seed=2)]}]
+    points = {p["k"]: p for p in sweep_rows(load_experiments(json.dumps(show)), "prune.k")}
+    assert points[0]["seeds"] == 3
+    assert points[0]["mrr"] == pytest.approx(0.5)
+    assert points[0]["mrr_sd"] == pytest.approx(0.1)  # sample sd of 0.6, 0.4, 0.5
+    assert points[4]["seeds"] == 1
+
+
+def test_seed_table_groups_replicates_and_selects_a_side():
+    show = json.loads(json.dumps(SHOW))
+    show[1]["experiments"] += [{"revs": [_rev("full-s1", 4, 0.3, seed=1)]}, {"revs": [_rev("k0-s1", 0, 0.8, seed=1)]}]
+    rows = load_experiments(json.dumps(show))
+    lines = seed_table(rows, side="tail").splitlines()
+    assert "MRR knows (tail)" in lines[0]
+    by_name = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert set(by_name) == {"main", "k0", "k8"}
+    # main + full-s1: mrr 0.5, 0.3 -> 0.4 +- 0.1414; tail MRR of knows is mrr / 4 -> 0.1 +- 0.0354
+    assert "| (baseline) | 0,1 | 0.4000 ± 0.1414 |" in by_name["main"]
+    assert by_name["main"].endswith("| 0.1000 ± 0.0354 |")
+    assert "| prune.k=0 | 0,1 | 0.7000 ± 0.1414 |" in by_name["k0"]
+    assert "| prune.k=8 | 0 | 0.2000 |" in by_name["k8"]
+    # Results written before the side split have no tail entry: shown as missing, never as 0.
+    del show[1]["experiments"][1]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]["per_relation"]["knows"]["tail"]
+    k8 = [line for line in seed_table(load_experiments(json.dumps(show)), side="tail").splitlines() if "prune.k=8" in line]
+    assert k8[0].endswith("| - |")
 
 
 def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
@@ -52,3 +84,14 @@ def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
             "prune.compensation=none", "prune.init=zero", "model.head=lm_head", "train.max_steps=0",
             "prune.k=range(0,9,2)"} <= overrides
     assert all(c[:4] == ["dvc", "exp", "run", "--queue"] for c in cmds)
+
+
+def test_queue_replicates_over_seeds():
+    cmds = queue_commands("prune.k=range(0,9,2)", seeds=[0, 1], only=["full", "no-text-view"])
+    names = [c[c.index("-n") + 1] if "-n" in c else None for c in cmds]
+    # seed 0 is the committed baseline: no `full` run for it
+    assert names == ["no-text-view", None, "full-s1", "no-text-view-s1", None]
+    assert cmds[3][-4:] == ["-S", "model.mvtc.text_view=false", "-S", "seed=1"]
+    assert cmds[4][-4:] == ["-S", "prune.k=range(0,9,2)", "-S", "seed=1"]
+    with pytest.raises(SystemExit, match="unknown ablation"):
+        queue_commands(None, only=["no-such-thing"])

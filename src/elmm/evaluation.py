@@ -296,6 +296,10 @@ def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[s
     return result
 
 
+# What a per-relation side breakdown keeps (the full set would make `dvc metrics show` unreadable).
+SIDE_KEYS = ("mr", "mrr", "hits_at_1", "hits_at_10", "count")
+
+
 class RankAccumulator:
     """Collects ranks of many batches with their side and relation, then reports metrics."""
 
@@ -336,6 +340,9 @@ class RankAccumulator:
 
         ``per_relation`` pools both sides and is keyed by ``relation_names[index]`` when names
         are given, else ``str(index)``; only relations that occurred are listed, in index order.
+        Each entry also carries compact ``"head"`` and ``"tail"`` breakdowns (SIDE_KEYS): the
+        two sides of one relation can differ in kind (on the synthetic world, a tail query of
+        `has colour` shows the anchor's images, a head query's anchor is a colour concept with none).
         """
         data = self._all()
 
@@ -349,6 +356,11 @@ class RankAccumulator:
         per_relation = {}
         for relation in torch.unique(data["relation"]).tolist():
             name = relation_names[relation] if relation_names is not None else str(relation)
-            per_relation[name] = subset(data["relation"] == relation)
+            of_relation = data["relation"] == relation
+            per_relation[name] = subset(of_relation)
+            for side, code in (("head", HEAD), ("tail", TAIL)):
+                selection = of_relation & (data["direction"] == code)
+                if selection.any():
+                    per_relation[name][side] = {k: v for k, v in subset(selection).items() if k in SIDE_KEYS}
         result["per_relation"] = per_relation
         return result

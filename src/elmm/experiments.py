@@ -1,12 +1,15 @@
 """Turn finished DVC experiments into the paper's tables and figures.
 
     python -m elmm.experiments queue                   # queue the paper's ablations (Table 3) + a K sweep
+    python -m elmm.experiments queue --seeds 0 1 2     # ... each replicated over three seeds
     dvc queue start -j 1                               # run them (one at a time on a small machine)
     python -m elmm.experiments table                   # markdown table of every experiment (ablations)
+    python -m elmm.experiments table --by-seed --side tail   # mean +- sd over seeds, tail queries
     python -m elmm.experiments sweep --param prune.k   # CSV of metrics against a param, for `dvc plots`
 
-Both read `dvc exp show --json` (so they work on whatever `dvc exp run` produced) and never
-recompute a metric.
+All read `dvc exp show --json` (so they work on whatever `dvc exp run` produced) and never
+recompute a metric. A replicate changes the top-level `seed`, which regenerates the synthetic
+world, the tiny backbone and the training order: it measures the spread over all three.
 """
 
 from __future__ import annotations
@@ -85,37 +88,119 @@ def _changed_params(rows: list[dict]) -> dict[str, dict[str, object]]:
     return {r["name"]: {k: v for k, v in flat(r["params"]).items() if base.get(k) != v} for r in rows}
 
 
-def markdown_table(rows: list[dict], relations: bool = True) -> str:
-    changed = _changed_params(rows)
+def _relation_mrr(metrics: dict, relation: str, side: str) -> float | None:
+    entry = metrics.get("per_relation", {}).get(relation)
+    if entry is None:
+        return None
+    if side != "both":
+        entry = entry.get(side)  # absent in results written before the side split existed
+    return None if entry is None else entry.get("mrr")
+
+
+def _columns(rows: list[dict], relations: bool, side: str) -> tuple[list[str], list[str]]:
     rel_names = list(rows[0]["metrics"].get("per_relation", {})) if rows and relations else []
-    head = ["experiment", "changed params"] + list(METRICS) + [f"MRR {r}" for r in rel_names]
+    suffix = "" if side == "both" else f" ({side})"
+    return rel_names, list(METRICS) + [f"MRR {r}{suffix}" for r in rel_names]
+
+
+def _values(metrics: dict, rel_names: list[str], side: str) -> list[float | None]:
+    return [metrics.get(k) for k in METRICS] + [_relation_mrr(metrics, n, side) for n in rel_names]
+
+
+def _fmt(key: str, value: float | None) -> str:
+    return "-" if value is None else (f"{value:.1f}" if key == "mr" else f"{value:.4f}")
+
+
+def markdown_table(rows: list[dict], relations: bool = True, side: str = "both") -> str:
+    """One line per experiment. `side`: per-relation MRR over both sides, or only tail/head queries."""
+    changed = _changed_params(rows)
+    rel_names, cols = _columns(rows, relations, side)
+    head = ["experiment", "changed params"] + cols
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        m = r["metrics"]
         cells = [r["name"], ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items()) or "(baseline)"]
-        cells += [f"{m[k]:.4f}" if k != "mr" else f"{m[k]:.1f}" for k in METRICS]
-        cells += [f"{m['per_relation'][n]['mrr']:.4f}" if n in m.get("per_relation", {}) else "-" for n in rel_names]
+        cells += [_fmt(k, v) for k, v in zip(METRICS + tuple(rel_names), _values(r["metrics"], rel_names, side))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def sweep_rows(rows: list[dict], param: str) -> list[dict]:
-    """One row per distinct value of `param`, sorted by that value, from the baseline and the
-    experiments that change nothing but `param` (an ablation at the same value is not a sweep point)."""
+def seed_groups(rows: list[dict], seed_key: str = "seed") -> list[tuple[str, str, list[dict]]]:
+    """Rows grouped by their changed params other than the seed: (name, changes, members), in
+    first-seen order. The group's name is its first member's (the baseline's for the full model)."""
     changed = _changed_params(rows)
-    by_value = {}
+    groups: dict[str, tuple[str, list[dict]]] = {}
+    for r in rows:
+        key = ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items() if k != seed_key)
+        groups.setdefault(key, (r["name"], []))[1].append(r)
+    return [(name, key, members) for key, (name, members) in groups.items()]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0  # sample sd
+    return mean, sd
+
+
+def seed_table(rows: list[dict], relations: bool = True, side: str = "both") -> str:
+    """One line per ablation: mean +- sample sd over the seeds it ran with (column `seeds`)."""
+    rel_names, cols = _columns(rows, relations, side)
+    head = ["experiment", "changed params", "seeds"] + cols
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, key, members in seed_groups(rows):
+        seeds = sorted({_get(m["params"], "seed") for m in members}, key=str)
+        cells = [name, key or "(baseline)", ",".join(str(x) for x in seeds)]
+        per_member = [_values(m["metrics"], rel_names, side) for m in members]
+        for col, k in enumerate(METRICS + tuple(rel_names)):
+            vals = [v[col] for v in per_member if v[col] is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            mean, sd = _mean_sd(vals)
+            cells.append(_fmt(k, mean) + (f" ± {_fmt(k, sd)}" if len(vals) > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed") -> list[dict]:
+    """One row per distinct value of `param`, sorted by that value, from the baseline and the
+    experiments that change nothing but `param` and the seed (an ablation at the same value is not
+    a sweep point). Replicates over seeds are averaged; `seeds` counts them and `<metric>_sd` is
+    their sample standard deviation (0 for one seed)."""
+    changed = _changed_params(rows)
+    by_value: dict[object, list[dict]] = {}
     for r in rows:
         value = _get(r["params"], param)
-        if value is not None and set(changed[r["name"]]) <= {param} and value not in by_value:
-            by_value[value] = {param.split(".")[-1]: value, **{k: r["metrics"][k] for k in METRICS}}
-    return [by_value[v] for v in sorted(by_value)]
+        if value is not None and set(changed[r["name"]]) <= {param, seed_key}:
+            by_value.setdefault(value, []).append(r["metrics"])
+    points = []
+    for value in sorted(by_value):
+        point = {param.split(".")[-1]: value, "seeds": len(by_value[value])}
+        for k in METRICS:
+            point[k], point[f"{k}_sd"] = _mean_sd([m[k] for m in by_value[value]])
+        points.append(point)
+    return points
 
 
-def queue_commands(sweep: str | None) -> list[list[str]]:
-    cmds = [["dvc", "exp", "run", "--queue", "-n", name] + [a for o in overrides for a in ("-S", o)]
-            for name, overrides in ABLATIONS.items()]
-    if sweep:
-        cmds.append(["dvc", "exp", "run", "--queue", "-S", sweep])
+def queue_commands(sweep: str | None, seeds: list[int] | None = None, only: list[str] | None = None,
+                   base_seed: int = 0) -> list[list[str]]:
+    """`dvc exp run --queue` lines: every ablation (or those in `only`) and the sweep, once per
+    seed; seeds other than `base_seed` also queue the unchanged model as `full-s<seed>`."""
+    unknown = set(only or ()) - set(ABLATIONS) - {"full"}
+    if unknown:
+        raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: full, {', '.join(ABLATIONS)}")
+    cmds = []
+    for seed in seeds or [base_seed]:
+        extra = [] if seed == base_seed else [f"seed={seed}"]
+        suffix = "" if seed == base_seed else f"-s{seed}"
+        runs = ({"full": []} if seed != base_seed else {}) | ABLATIONS
+        for name, overrides in runs.items():
+            if only and name not in only:
+                continue
+            cmds.append(["dvc", "exp", "run", "--queue", "-n", name + suffix]
+                        + [a for o in overrides + extra for a in ("-S", o)])
+        if sweep:
+            cmds.append(["dvc", "exp", "run", "--queue", "-S", sweep] + [a for o in extra for a in ("-S", o)])
     return cmds
 
 
@@ -124,9 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("queue", help="queue every ablation (and a sweep) with dvc exp run --queue")
     q.add_argument("--sweep", default="prune.k=range(0,9,2)", help="a -S sweep to queue too ('' for none)")
+    q.add_argument("--seeds", type=int, nargs="+", help="replicate everything over these values of `seed`")
+    q.add_argument("--only", nargs="+", help=f"queue only these (full, {', '.join(ABLATIONS)})")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
     t = sub.add_parser("table", help="markdown table of all experiments")
     t.add_argument("--no-relations", action="store_true", help="omit the per-relation MRR columns")
+    t.add_argument("--side", choices=("both", "tail", "head"), default="both",
+                   help="per-relation MRR over both sides, or tail/head queries only")
+    t.add_argument("--by-seed", action="store_true", help="one line per ablation: mean ± sd over seeds")
     s = sub.add_parser("sweep", help="CSV of the metrics against one param")
     s.add_argument("--param", default="prune.k")
     s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
@@ -134,8 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
     args = ap.parse_args(argv)
     if args.command == "queue":
-        for cmd in queue_commands(args.sweep or None):
-            print(" ".join(cmd if "range(" not in cmd[-1] else cmd[:-1] + [f"'{cmd[-1]}'"]))
+        from .config import load_params
+
+        base_seed = load_params("params.yaml").seed if Path("params.yaml").exists() else 0
+        for cmd in queue_commands(args.sweep or None, args.seeds, args.only, base_seed):
+            print(" ".join(f"'{a}'" if "range(" in a else a for a in cmd))
             if not args.dry_run:
                 subprocess.run(cmd, check=True)
         return
@@ -143,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
     if args.command == "table":
-        print(markdown_table(rows, relations=not args.no_relations))
+        table = seed_table if args.by_seed else markdown_table
+        print(table(rows, relations=not args.no_relations, side=args.side))
     else:
         points = sweep_rows(rows, args.param)
         if not points:
