@@ -110,10 +110,11 @@ def _seed_torch():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _deep_update(base: dict, new: dict) -> dict:
+def deep_update(base: dict, new: dict) -> dict:
+    """Merge `new` into `base` recursively (param overrides for the micro configs)."""
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
+            deep_update(base[key], value)
         else:
             base[key] = value
     return base
@@ -131,7 +132,7 @@ def make_project(micro_env, tmp_path_factory):
 
     def make(overrides: dict | None = None) -> Path:
         root = tmp_path_factory.mktemp("project")
-        raw = _deep_update(to_dict(micro_env.params), overrides or {})
+        raw = deep_update(to_dict(micro_env.params), overrides or {})
         (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         (root / "data" / "pruning").mkdir(parents=True)
         for name, target in (("kg", micro_env.kg_dir), ("backbone", micro_env.backbone_dir),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import deep_update
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["download", "encode", "similarity", "calibrate", "train", "evaluate"]
@@ -32,15 +33,6 @@ MICRO = {
     "train": {"epochs": 1, "batch_size": 16, "negatives": 4, "warmup_steps": 1},
     "evaluate": {"batch_size": 32},
 }
-
-
-def deep_update(base: dict, new: dict) -> dict:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_update(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
