@@ -6,6 +6,7 @@
     python -m elmm.experiments table                   # markdown table of every experiment (ablations)
     python -m elmm.experiments table --by-seed --side tail   # mean +- sd over seeds, tail queries
     python -m elmm.experiments sweep --param prune.k   # CSV of metrics against a param, for `dvc plots`
+    (table/sweep: experiments of HEAD; --rev <commit> for those queued from another commit, -A for all)
 
 All read `dvc exp show --json` (so they work on whatever `dvc exp run` produced) and never
 recompute a metric. A replicate changes the top-level `seed`, which regenerates the synthetic
@@ -57,10 +58,11 @@ def _row(name: str, data: dict) -> dict | None:
     return {"name": name, "params": params, "metrics": metrics}
 
 
-def load_experiments(show_json: str | None = None, all_commits: bool = False) -> list[dict]:
-    """Rows {name, params, metrics} for the baseline and every experiment with evaluate metrics."""
+def load_experiments(show_json: str | None = None, all_commits: bool = False, rev: str | None = None) -> list[dict]:
+    """Rows {name, params, metrics} for the baseline and every experiment with evaluate metrics
+    (experiments of HEAD, of commit `rev`, or of every commit)."""
     if show_json is None:
-        cmd = ["dvc", "exp", "show", "--json"] + (["-A"] if all_commits else [])
+        cmd = ["dvc", "exp", "show", "--json"] + (["-A"] if all_commits else []) + (["--rev", rev] if rev else [])
         show_json = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = []
     for base in json.loads(show_json):
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
     for p in (t, s):
         p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
+        p.add_argument("--rev", help="experiments derived from this commit instead of HEAD")
     args = ap.parse_args(argv)
     if args.command == "queue":
         from .config import load_params
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             if not args.dry_run:
                 subprocess.run(cmd, check=True)
         return
-    rows = load_experiments(all_commits=args.all_commits)
+    rows = load_experiments(all_commits=args.all_commits, rev=args.rev)
     if not rows:
         sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
     if args.command == "table":
