@@ -34,17 +34,22 @@ EXACT = {"atol": 0.0, "rtol": 0.0}
 def reference_view(view: MVTCView, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
     """MVTC written out head by head, V applied to every token *before* pooling.
 
-    head_i = softmax(q W_i^Q (I W_i^K)^T / sqrt(d)) (I W_i^V); masked tokens are removed from the
-    softmax, a row without any real token gives zero. Returns (output [B, H, D], weights [B, H, T]).
+    head_i = softmax(LN(q) W_i^Q (LN(I) W_i^K)^T / sqrt(d)) (I W_i^V); masked tokens are removed
+    from the softmax, a row without any real token gives zero. LN is written out (biased variance,
+    eps, then the affine). Returns (output [B, H, D], weights [B, H, T]).
     """
+    def layer_norm(x, ln):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps) * ln.weight + ln.bias
+
     b, t, dim = tokens.shape
     hd = view.head_dim
     outs, weights = [], []
     for i in range(view.heads):
         wq = view.q.weight[i * hd:(i + 1) * hd]  # nn.Linear stores [out, in]
         wk = view.k.weight[i * hd:(i + 1) * hd]
-        q = query @ wq.T  # [B, d]
-        k = tokens @ wk.T  # [B, T, d]
+        q = layer_norm(query, view.query_norm) @ wq.T  # [B, d]
+        k = layer_norm(tokens, view.token_norm) @ wk.T  # [B, T, d]
         v = tokens @ view.v[i]  # [B, T, D]: per-head value of every token
         head_out = torch.zeros(b, dim)
         head_w = torch.zeros(b, t)
@@ -66,6 +71,9 @@ def random_view(dim: int, heads: int) -> MVTCView:
     view = MVTCView(dim, heads)
     with torch.no_grad():
         view.v.copy_(torch.randn_like(view.v) / math.sqrt(dim))
+        for ln in (view.query_norm, view.token_norm):  # non-trivial affines, so the reference checks them
+            ln.weight.copy_(1 + 0.3 * torch.randn_like(ln.weight))
+            ln.bias.copy_(0.1 * torch.randn_like(ln.bias))
     return view
 
 
@@ -83,6 +91,22 @@ def test_mvtc_view_shapes() -> None:
     out = view(torch.randn(3, 16), torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool))
     assert out.shape == (3, 4, 16)
     assert view.head_dim == 4
+
+
+def test_mvtc_attention_does_not_depend_on_the_input_scale() -> None:
+    """Scaling query and tokens by c scales the output by c: the pooling weights are those of the
+    normalised inputs, so a backbone with small activations (the tiny default's projected tokens
+    have norm ~0.2) gets as selective an attention as one with large activations."""
+    torch.manual_seed(4)
+    view = random_view(16, 4)
+    query, tokens = torch.randn(3, 16), torch.randn(3, 6, 16)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    with torch.no_grad():
+        out = view(query, tokens, mask)
+        for c in (3.0, 30.0):  # (far above LayerNorm eps, which is the only scale it sees)
+            assert_close(view(c * query, c * tokens, mask), c * out, atol=1e-4 * c, rtol=1e-4)
+        _, weights = reference_view(view, 0.1 * query, 0.1 * tokens, mask)
+    assert weights.std(-1).mean() > 0.02  # far from uniform (1/6 each) at a small input scale
 
 
 def test_mvtc_masked_tokens_have_no_influence_and_zero_weight() -> None:
