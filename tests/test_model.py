@@ -40,7 +40,8 @@ def reference_view(view: MVTCView, query: torch.Tensor, tokens: torch.Tensor, ma
     """
     def layer_norm(x, ln):
         centred = x - x.mean(-1, keepdim=True)
-        return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps) * ln.weight + ln.bias
+        out = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps) * ln.weight
+        return out if ln.bias is None else out + ln.bias
 
     b, t, dim = tokens.shape
     hd = view.head_dim
@@ -73,7 +74,8 @@ def random_view(dim: int, heads: int) -> MVTCView:
         view.v.copy_(torch.randn_like(view.v) / math.sqrt(dim))
         for ln in (view.query_norm, view.token_norm):  # non-trivial affines, so the reference checks them
             ln.weight.copy_(1 + 0.3 * torch.randn_like(ln.weight))
-            ln.bias.copy_(0.1 * torch.randn_like(ln.bias))
+            if ln.bias is not None:
+                ln.bias.copy_(0.1 * torch.randn_like(ln.bias))
     return view
 
 

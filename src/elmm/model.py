@@ -87,7 +87,9 @@ class MVTCView(nn.Module):
         self.heads = heads
         self.head_dim = max(1, dim // heads)
         self.query_norm = nn.LayerNorm(dim)
-        self.token_norm = nn.LayerNorm(dim)
+        # No bias: it would shift every key's logit by the same amount, which softmax ignores; its
+        # gradient is then pure rounding noise that Adam turns into drift.
+        self.token_norm = nn.LayerNorm(dim, bias=False)
         self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.k = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.v = nn.Parameter(torch.eye(dim).repeat(heads, 1, 1))  # [H, D, D], identity start
