@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+# The library of *this* checkout, ahead of whatever `pip install -e` points at: a `dvc exp run
+# --queue` task runs in a temporary copy of the repository, and must run the code of the commit it
+# was queued from, not the main workspace's code as edited since.
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+if Path(_SRC).is_dir() and sys.path[:1] != [_SRC]:
+    sys.path.insert(0, _SRC)
 
 # In logs (not a terminal) a progress bar redraws as a new line each time: redraw every 10 s instead.
 if not sys.stderr.isatty():

@@ -65,8 +65,7 @@ def repo(tmp_path_factory):
         "DVC_NO_ANALYTICS": "1",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-        # the stages import the copied library, and run with the test's interpreter
-        "PYTHONPATH": str(path / "src"),
+        # no PYTHONPATH: the stages must import the copied library by themselves (stages/_common.py)
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "HF_HUB_OFFLINE": "1",
     }
@@ -77,6 +76,18 @@ def repo(tmp_path_factory):
     run(["git", "commit", "-qm", "micro pipeline"], path, env)
     first = run(dvc + ["repro"], path, env)
     return path, env, dvc, first
+
+
+def test_stages_import_the_library_of_their_own_checkout(tmp_path):
+    """A copy of the repository (what `dvc exp run --queue` runs in) uses its own src/, even with
+    the package installed in editable mode from elsewhere."""
+    (tmp_path / "stages").mkdir()
+    shutil.copy(ROOT / "stages" / "_common.py", tmp_path / "stages")
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "import _common, elmm.config; print(elmm.config.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path / "stages", capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True).stdout
+    assert Path(out.strip()).resolve() == (tmp_path / "src" / "elmm" / "config.py").resolve()
 
 
 @pytest.mark.integration
