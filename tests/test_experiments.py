@@ -58,7 +58,9 @@ def test_sweep_averages_seed_replicates():
 
 def test_seed_table_groups_replicates_and_selects_a_side():
     show = json.loads(json.dumps(SHOW))
-    show[1]["experiments"] += [{"revs": [_rev("full-s1", 4, 0.3, seed=1)]}, {"revs": [_rev("k0-s1", 0, 0.8, seed=1)]}]
+    # the replicate listed first names the group, without its -s<seed> suffix
+    show[1]["experiments"] = ([{"revs": [_rev("k0-s1", 0, 0.8, seed=1)]}] + show[1]["experiments"]
+                              + [{"revs": [_rev("full-s1", 4, 0.3, seed=1)]}])
     rows = load_experiments(json.dumps(show))
     lines = seed_table(rows, side="tail").splitlines()
     assert "MRR knows (tail)" in lines[0]
@@ -70,7 +72,8 @@ def test_seed_table_groups_replicates_and_selects_a_side():
     assert "| prune.k=0 | 0,1 | 0.7000 ± 0.1414 |" in by_name["k0"]
     assert "| prune.k=8 | 0 | 0.2000 |" in by_name["k8"]
     # Results written before the side split have no tail entry: shown as missing, never as 0.
-    del show[1]["experiments"][1]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]["per_relation"]["knows"]["tail"]
+    k8_rev = next(e["revs"][0] for e in show[1]["experiments"] if e["revs"][0]["name"] == "k8")
+    del k8_rev["data"]["metrics"]["metrics/evaluate.json"]["data"]["per_relation"]["knows"]["tail"]
     k8 = [line for line in seed_table(load_experiments(json.dumps(show)), side="tail").splitlines() if "prune.k=8" in line]
     assert k8[0].endswith("| - |")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,12 +129,13 @@ def markdown_table(rows: list[dict], relations: bool = True, side: str = "both")
 
 def seed_groups(rows: list[dict], seed_key: str = "seed") -> list[tuple[str, str, list[dict]]]:
     """Rows grouped by their changed params other than the seed: (name, changes, members), in
-    first-seen order. The group's name is its first member's (the baseline's for the full model)."""
+    first-seen order. The group's name is its first member's without a `-s<seed>` suffix (the
+    baseline's for the full model)."""
     changed = _changed_params(rows)
     groups: dict[str, tuple[str, list[dict]]] = {}
     for r in rows:
         key = ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items() if k != seed_key)
-        groups.setdefault(key, (r["name"], []))[1].append(r)
+        groups.setdefault(key, (re.sub(r"-s\d+$", "", r["name"]), []))[1].append(r)
     return [(name, key, members) for key, (name, members) in groups.items()]
 
 
