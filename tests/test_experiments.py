@@ -26,6 +26,11 @@ SHOW = [
 def test_rows_skip_workspace_and_unfinished_experiments():
     rows = load_experiments(json.dumps(SHOW))
     assert [r["name"] for r in rows] == ["main", "k0", "k8"]
+    # a task that is still running, though its copy already holds (the baseline's) metrics files
+    show = json.loads(json.dumps(SHOW))
+    show[1]["experiments"].append({"executor": {"state": "running"}, "revs": [_rev("copy", 6, 0.5)]})
+    show[1]["experiments"].append({"executor": {"state": "success"}, "revs": [_rev("done", 6, 0.4)]})
+    assert [r["name"] for r in load_experiments(json.dumps(show))] == ["main", "k0", "k8", "done"]
 
 
 def test_table_shows_changed_params_and_metrics():

@@ -72,6 +72,10 @@ def load_experiments(show_json: str | None = None, all_commits: bool = False, re
         if base.get("data") and (row := _row(base.get("name") or base["rev"][:7], base["data"])):
             rows.append(row)
         for exp in base.get("experiments") or []:
+            # A queued or running task can already carry files (the baseline's committed metrics
+            # in its copy): only a finished one holds its own results.
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue
             for rev in exp.get("revs") or []:
                 if rev.get("data") and (row := _row(rev.get("name") or exp.get("name") or rev["rev"][:7], rev["data"])):
                     rows.append(row)
