@@ -185,7 +185,8 @@ def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed") -> list[dic
     for value in sorted(by_value):
         point = {param.split(".")[-1]: value, "seeds": len(by_value[value])}
         for k in METRICS:
-            point[k], point[f"{k}_sd"] = _mean_sd([m[k] for m in by_value[value]])
+            mean, sd = _mean_sd([m[k] for m in by_value[value]])
+            point[k], point[f"{k}_sd"] = round(mean, 6), round(sd, 6)
         points.append(point)
     return points
 
