@@ -119,17 +119,21 @@ def _fmt(key: str, value: float | None) -> str:
     return "-" if value is None else (f"{value:.1f}" if key == "mr" else f"{value:.4f}")
 
 
+def _markdown(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
 def markdown_table(rows: list[dict], relations: bool = True, side: str = "both") -> str:
     """One line per experiment. `side`: per-relation MRR over both sides, or only tail/head queries."""
     changed = _changed_params(rows)
     rel_names, cols = _columns(rows, relations, side)
-    head = ["experiment", "changed params"] + cols
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r["name"], ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items()) or "(baseline)"]
         cells += [_fmt(k, v) for k, v in zip(METRICS + tuple(rel_names), _values(r["metrics"], rel_names, side))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return _markdown(["experiment", "changed params"] + cols, body)
 
 
 def seed_groups(rows: list[dict], seed_key: str = "seed") -> list[tuple[str, str, list[dict]]]:
@@ -152,8 +156,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def seed_table(rows: list[dict], relations: bool = True, side: str = "both") -> str:
     """One line per ablation: mean +- sample sd over the seeds it ran with (column `seeds`)."""
     rel_names, cols = _columns(rows, relations, side)
-    head = ["experiment", "changed params", "seeds"] + cols
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for name, key, members in seed_groups(rows):
         seeds = sorted({_get(m["params"], "seed") for m in members}, key=str)
         cells = [name, key or "(baseline)", ",".join(str(x) for x in seeds)]
@@ -165,8 +168,8 @@ def seed_table(rows: list[dict], relations: bool = True, side: str = "both") -> 
                 continue
             mean, sd = _mean_sd(vals)
             cells.append(_fmt(k, mean) + (f" ± {_fmt(k, sd)}" if len(vals) > 1 else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return _markdown(["experiment", "changed params", "seeds"] + cols, body)
 
 
 def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed") -> list[dict]:

@@ -78,7 +78,7 @@ class MVTCView(nn.Module):
     The LayerNorms (ours, as in the Perceiver resampler and Q-Former) act on the attention
     logits' inputs only; the values stay the raw projected tokens. Without them the logits scale
     with |q| |I|, which depends on the backbone. On the tiny default (|I| ~ 0.2) they spread by
-    ~1e-3 within an entity and 5 epochs only reach ~1e-2, so every head stays an exact mean pool,
+    ~4e-4 within an entity and 5 epochs only reach ~1e-2, so every head stays an exact mean pool,
     whatever the query. The two views are then one view (README, "Model").
     """
 
