@@ -1,6 +1,6 @@
 # Two entry points, each doing its own set-up (a virtual environment with pinned versions):
 #   make repro   install, then run the whole DVC pipeline on the embedded synthetic default
-#   make test    install, then run the test suite
+#   make test    install, then lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,6 +25,7 @@ repro: install
 	print('test metrics (filtered, realistic):', {k: m[k] for k in ('mr', 'mrr', 'hits_at_1', 'hits_at_3', 'hits_at_10')})"
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 dag: install
