@@ -52,7 +52,13 @@ def vit_flops(cfg) -> float:
 
 def scale_backbone(texts: list[str]) -> LlavaBackbone:
     """LLaVA-1.5's vision tower shape (CLIP ViT-L/14 at 336 px) with random weights and a tiny decoder."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     tokenizer = train_tokenizer(texts, 512)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -16,6 +16,7 @@ Needs only torch, transformers, peft and tokenizers (no dvc, no faiss): it runs 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -27,9 +28,9 @@ import torch
 from elmm.backbone import LlavaBackbone, build_tiny_backbone, load_backbone, train_tokenizer
 from elmm.config import TinyBackboneParams
 from elmm.model import ELMM, ELMMConfig, elmm_loss
+from elmm.model_io import add_lora, lora_config, set_trainable
 from elmm.prompt import TextBatch
 from elmm.pruning.layers import prune_layers
-from elmm.workspace import add_lora, set_trainable
 
 SCALES = {
     # LLaVA-1.5-7B: Llama-2-7B decoder, CLIP ViT-L/14-336 tower (576 patches of width 1024 per image)
@@ -94,6 +95,14 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def train_step(model, x, targets, neg, mask, opt) -> None:
+    """Forward + backward + AdamW on LoRA, MVTC, completion layer and compensation."""
+    loss = elmm_loss(model(*x).scores.float(), targets, neg, mask)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def measure(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -111,12 +120,12 @@ def measure(args) -> dict:
         with torch.inference_mode():
             for batch in (1, args.batch):
                 x = inputs(b, shape, batch, args.text_tokens, device)
-                sec = timed(lambda: model(*x), device, args.repeats)
+                sec = timed(functools.partial(model, *x), device, args.repeats)
                 row[f"ms_per_query_b{batch}"] = round(1000 * sec / batch, 4)
                 row[f"queries_per_second_b{batch}"] = round(batch / sec, 1)
             row["decoder_tokens"] = 1 + model(*inputs(b, shape, 1, args.text_tokens, device)).image_tokens + args.text_tokens
         # Training step: forward + backward + AdamW on LoRA, MVTC, completion layer, compensation.
-        add_lora(model, 8, 16, 0.0)
+        add_lora(model, lora_config(8, 16, 0.0))
         model.to(device=device, dtype=dtype)
         set_trainable(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -126,13 +135,7 @@ def measure(args) -> dict:
         mask = torch.ones_like(neg, dtype=torch.bool)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-
-        def step():
-            loss = elmm_loss(model(*x).scores.float(), targets, neg, mask)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = functools.partial(train_step, model, x, targets, neg, mask, opt)
         sec = timed(step, device, max(3, args.repeats // 2))
         row["train_triples_per_second"] = round(args.train_batch / sec, 1)
         if device.type == "cuda":
@@ -141,21 +144,25 @@ def measure(args) -> dict:
         del model, opt, b
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    r = results
     big = f"b{args.batch}"
+
+    def ratio(a: str, b: str, key: str) -> float:
+        return round(results[a][key] / results[b][key], 3)
+
     return {
         "benchmark": "query",
         "scale": args.scale or "tiny",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name() if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "dtype": str(dtype).removeprefix("torch."),
         "batch": args.batch, "train_batch": args.train_batch, "text_tokens": args.text_tokens,
         "results": results,
         "ratios": {
-            "pruned_vs_unpruned_b1": round(r["mvtc"]["ms_per_query_b1"] / r["mvtc_pruned"]["ms_per_query_b1"], 3),
-            f"pruned_vs_unpruned_{big}": round(r["mvtc"][f"ms_per_query_{big}"] / r["mvtc_pruned"][f"ms_per_query_{big}"], 3),
-            "compressed_vs_all_tokens_b1": round(r["all_tokens"]["ms_per_query_b1"] / r["mvtc"]["ms_per_query_b1"], 3),
-            f"compressed_vs_all_tokens_{big}": round(r["all_tokens"][f"ms_per_query_{big}"] / r["mvtc"][f"ms_per_query_{big}"], 3),
-            "train_pruned_vs_unpruned": round(r["mvtc_pruned"]["train_triples_per_second"] / r["mvtc"]["train_triples_per_second"], 3),
+            "pruned_vs_unpruned_b1": ratio("mvtc", "mvtc_pruned", "ms_per_query_b1"),
+            f"pruned_vs_unpruned_{big}": ratio("mvtc", "mvtc_pruned", f"ms_per_query_{big}"),
+            "compressed_vs_all_tokens_b1": ratio("all_tokens", "mvtc", "ms_per_query_b1"),
+            f"compressed_vs_all_tokens_{big}": ratio("all_tokens", "mvtc", f"ms_per_query_{big}"),
+            "train_pruned_vs_unpruned": ratio("mvtc_pruned", "mvtc", "train_triples_per_second"),
         },
     }
 

@@ -1,7 +1,8 @@
-"""Shared by the stage scripts: run from the repository root, load params, pick a device."""
+"""Shared by the stage scripts: the library of this checkout, `--help`, params, device, seeds."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 # The library of *this* checkout, ahead of whatever `pip install -e` points at: a `dvc exp run
 # --queue` task runs in a temporary copy of the repository, and must run the code of the commit it
 # was queued from, not the main workspace's code as edited since.
-_SRC = str(Path(__file__).resolve().parents[1] / "src")
+ROOT = Path(__file__).resolve().parents[1]
+_SRC = str(ROOT / "src")
 if Path(_SRC).is_dir() and sys.path[:1] != [_SRC]:
     sys.path.insert(0, _SRC)
 
@@ -19,7 +21,36 @@ if not sys.stderr.isatty():
 
 import torch  # noqa: E402
 
-from elmm.config import ParamsError, load_params  # noqa: E402
+from elmm.config import ParamsError, load_params, validate  # noqa: E402
+from elmm.device import default_device  # noqa: E402
+
+
+def _stage_summary(name: str) -> str:
+    """What dvc.yaml says stage `name` reads, which params it uses, and what it writes."""
+    try:
+        import yaml
+
+        stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+    except (OSError, KeyError, TypeError):
+        return ""
+
+    def names(items) -> str:
+        return ", ".join(next(iter(i)) if isinstance(i, dict) else str(i) for i in items or []) or "-"
+
+    outs = [*(stage.get("outs") or []), *(stage.get("metrics") or []), *(stage.get("plots") or [])]
+    return (f"DVC stage `{name}` (dvc.yaml)\n  reads:  {names(stage.get('deps'))}\n"
+            f"  params: {names(stage.get('params'))} (params.yaml)\n  writes: {names(outs)}")
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser for stage `name`: its docstring, then what it reads and writes."""
+    return argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc,
+                                   epilog=_stage_summary(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_args(name: str, doc: str | None, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a stage's command line (only `--help` for most stages): nothing runs before this."""
+    return parser(name, doc).parse_args([] if argv is None else argv)
 
 
 def params():
@@ -29,9 +60,16 @@ def params():
         sys.exit(f"error: {e}")
 
 
+def check_layers(p, num_layers: int) -> None:
+    """The checks that need the backbone's depth (e.g. prune.k), reported like any params error."""
+    try:
+        validate(p, num_layers=num_layers)
+    except ParamsError as e:
+        sys.exit(f"error: params.yaml: {e}")
+
+
 def device() -> torch.device:
-    # ELMM_DEVICE lets a user force cpu on a GPU machine; otherwise use the GPU when there is one.
-    return torch.device(os.environ.get("ELMM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return default_device()
 
 
 def setup(seed: int) -> None:

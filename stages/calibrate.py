@@ -1,19 +1,23 @@
 """Stage `calibrate`: remove attention from the prune.k most similar layers, bottom-up, and fit
 each compensation W_c in closed form; report the error before and after for every method."""
 
-from _common import device, params, setup
+import sys
 
-from elmm.config import validate
+from _common import check_layers, device, params, parse_args, setup
+from elmm.batches import calibration_batches, forward_batch
 from elmm.io import read_json, write_csv_rows, write_json
+from elmm.model_io import build_model
+from elmm.pruning.artifact import PRUNING_FILE, save_pruning
 from elmm.pruning.layers import calibrate_bottom_up
-from elmm.workspace import PRUNING_FILE, build_model, calibration_batches, forward_batch, open_workspace, save_pruning
+from elmm.workspace import open_workspace
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parse_args("calibrate", __doc__, argv)
     p = params()
     setup(p.seed)
     ws = open_workspace(p)
-    validate(p, num_layers=ws.backbone.num_layers)
+    check_layers(p, ws.backbone.num_layers)
     ranking = read_json("data/pruning/similarity.json")["ranking"]
     selected = sorted(ranking[: p.prune.k])
     model = build_model(ws, seed=p.seed, head="completion").to(device())
@@ -60,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

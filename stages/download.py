@@ -5,10 +5,10 @@ and not a DVC output, so DVC never deletes it and an interrupted download resume
 """
 
 import os
+import sys
 from dataclasses import asdict
 
-from _common import params
-
+from _common import params, parse_args
 from elmm.io import write_json
 from elmm.kg.download import DownloadError
 from elmm.kg.format import coverage, load_kg
@@ -19,7 +19,8 @@ KG_DIR = "data/kg"
 CACHE_DIR = os.environ.get("ELMM_DOWNLOAD_DIR") or "data/downloads"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parse_args("download", __doc__, argv)
     p = params()
     if p.data.name == "synthetic":
         generate_synthetic(KG_DIR, seed=p.seed, **asdict(p.data.synthetic))
@@ -43,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

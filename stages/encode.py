@@ -12,7 +12,6 @@ and write the image tokens to Parquet shards (plus memory-mappable Arrow sidecar
                                            (RANK/WORLD_SIZE), rank 0 finalizes after a barrier
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -21,8 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from _common import device, params, setup
 
+from _common import device, params, parser, setup
 from elmm.backbone import TINY_BACKBONES, build_tiny_backbone, load_backbone, write_backbone_pointer
 from elmm.io import write_json
 from elmm.kg.format import load_kg
@@ -89,14 +88,14 @@ def finalize(p, kg, run: dict | None) -> None:
           f"{manifest['width']} each, {len(manifest['skipped'])} skipped")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser("encode", __doc__)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--shard", help="i/N: encode only shards with index %% N == i (no prepare, no finalize)")
     mode.add_argument("--prepare", action="store_true", help="only build/point data/backbone")
     mode.add_argument("--finalize", action="store_true", help="only check all shards, write manifest and metrics")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images (default: cores - 1)")
-    args = ap.parse_args()
+    args = ap.parse_args([] if argv is None else argv)
     p = params()
     setup(p.seed)
     kg = load_kg(KG_DIR)
@@ -160,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

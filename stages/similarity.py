@@ -5,19 +5,22 @@ Image tokens here come from the MVTC at its seeded initialisation (attention poo
 projected image tokens, see elmm.model), i.e. exactly the decoder input training starts from.
 """
 
-from _common import device, params, setup
+import sys
 
-from elmm.config import validate
+from _common import check_layers, device, params, parse_args, setup
+from elmm.batches import calibration_batches, forward_batch
 from elmm.io import write_csv_rows, write_json
+from elmm.model_io import build_model
 from elmm.pruning.layers import measure_similarity, rank_layers
-from elmm.workspace import build_model, calibration_batches, forward_batch, open_workspace
+from elmm.workspace import open_workspace
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parse_args("similarity", __doc__, argv)
     p = params()
     setup(p.seed)
     ws = open_workspace(p)
-    validate(p, num_layers=ws.backbone.num_layers)
+    check_layers(p, ws.backbone.num_layers)
     model = build_model(ws, seed=p.seed, head="completion").to(device())
     batches = calibration_batches(ws, model, p.prune.samples, p.prune.batch_size, p.seed)
 
@@ -37,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,39 +1,45 @@
 """Stage `train`: LoRA fine-tuning of the pruned model with MVTC and the completion layer.
 
 Logs the training curves and per-epoch validation metrics with DVCLive (metrics/train); keeps the
-parameters of the best validation MRR epoch and saves them under data/model.
+parameters of the best validation MRR epoch and saves them under data/model (the LoRA adapter in
+peft's layout, the ELMM components in elmm.safetensors).
 
-Runs unchanged as one process or under torchrun (DDP; README "Training at scale"). Resumable:
+Runs unchanged as one process or under torchrun (DDP; docs/pipeline.md). Resumable:
 periodic checkpoints go to data/checkpoints and a rerun with the same params, inputs and code
 resumes from the last one; it is removed once data/model is saved.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
-from _common import device, params, setup
 from dvclive import Live
 
 import elmm
-from elmm.evaluation import FilterIndex
-from elmm.training import Checkpoints, evaluate_ranking, init_distributed, shutdown_distributed, train_model, \
-    training_fingerprint
-from elmm.workspace import (PRUNING_FILE, add_lora, build_model, open_workspace, queries_from_triples, save_trained,
-                            set_trainable)
+from _common import device, params, parse_args, setup
+from elmm.checkpointing import Checkpoints, training_fingerprint
+from elmm.distributed import init_distributed, shutdown_distributed
+from elmm.kg.queries import FilterIndex, queries_from_triples
+from elmm.model_io import add_lora, build_model, lora_config, save_trained, set_trainable
+from elmm.pruning.artifact import PRUNING_FILE
+from elmm.ranking import evaluate_ranking
+from elmm.training import train_model
+from elmm.workspace import open_workspace
 
 CHECKPOINT_DIR = "data/checkpoints"
 
 
 def fingerprint(p) -> str:
-    """Params that shape training, the stage's input files, and the code (elmm.training)."""
+    """Params that shape training, the stage's input files, and the code (the elmm package)."""
     inputs = [*sorted(Path("data/kg").glob("*.parquet")), Path("data/kg/meta.json"),
               Path("data/encoded/manifest.json"), Path("data/backbone"), Path(f"data/pruning/{PRUNING_FILE}")]
     code = [Path(elmm.__file__).parent, Path(__file__).resolve(), Path(__file__).resolve().parent / "_common.py"]
     return training_fingerprint(p, [i for i in inputs if i.exists()], code)
 
 
-def main(stop_after_steps: int | None = None) -> None:
+def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> None:
     """`stop_after_steps` is a test hook: raise after that step, as if the run had been killed."""
+    parse_args("train", __doc__, argv)
     p = params()
     setup(p.seed)
     tp = p.train
@@ -42,7 +48,7 @@ def main(stop_after_steps: int | None = None) -> None:
     try:
         ws = open_workspace(p)
         model = build_model(ws, f"data/pruning/{PRUNING_FILE}", seed=p.seed)
-        lora = add_lora(model, tp.lora.r, tp.lora.alpha, tp.lora.dropout)
+        add_lora(model, lora_config(tp.lora.r, tp.lora.alpha, tp.lora.dropout))
         trainable, total = set_trainable(model)
         model.to(dev)
         say(f"train: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
@@ -83,7 +89,7 @@ def main(stop_after_steps: int | None = None) -> None:
         if dist.main:
             extra = {"summary": summary, "best_epoch": summary["best_epoch"], "trainable_parameters": trainable,
                      "total_parameters": total}
-            save_trained("data/model", model, lora, extra)
+            save_trained("data/model", model, extra)
             checkpoints.clear()
             say(f"train: {summary['steps']} steps; best validation MRR {summary['valid_best_mrr']:.4f} at epoch "
                 f"{summary['best_epoch']}")
@@ -92,4 +98,4 @@ def main(stop_after_steps: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

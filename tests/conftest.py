@@ -128,7 +128,7 @@ def make_project(micro_env, tmp_path_factory):
     import yaml
 
     from elmm.config import to_dict
-    from elmm.workspace import PRUNING_FILE, save_pruning
+    from elmm.pruning.artifact import PRUNING_FILE, save_pruning
 
     def make(overrides: dict | None = None) -> Path:
         root = tmp_path_factory.mktemp("project")
@@ -147,7 +147,7 @@ def make_project(micro_env, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def run_stage():
-    """run_stage(name, project, **kwargs): stages/<name>.py's main(**kwargs) in-process, cwd = project."""
+    """Factory: `run(name, project, **kwargs)` runs stages/<name>.py's main(**kwargs) in-process, cwd = project."""
     import contextlib
     import importlib.util
     import sys

@@ -12,9 +12,9 @@ from PIL import Image
 from elmm.backbone import Qwen2VLBackbone, build_tiny_backbone, load_backbone
 from elmm.config import TinyBackboneParams
 from elmm.model import ELMM, ELMMConfig
+from elmm.model_io import add_lora, lora_config, set_trainable
 from elmm.prompt import PromptBuilder
 from elmm.pruning.layers import measure_similarity, prune_layers
-from elmm.workspace import add_lora, set_trainable
 
 TINY = TinyBackboneParams(vocab_size=300, hidden=32, layers=3, heads=2, intermediate=64, vision_hidden=16,
                           vision_layers=1, vision_heads=2, image_size=32, patch_size=8)
@@ -60,7 +60,7 @@ def test_elmm_prunes_and_trains_on_qwen(qwen_dir, mvtc):
     cls, patches = b.vision_features(pixels, -1)
     prune_layers(b.layers, {2: torch.zeros(32, 32)})
     model = ELMM(b, ELMMConfig(num_entities=10, heads=2, mvtc_enabled=mvtc, pruned_layers=[2], compensation="ridge"))
-    assert add_lora(model, 4, 8, 0.0) is not None
+    assert add_lora(model, lora_config(4, 8, 0.0))
     set_trainable(model)
     lora = [n for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(".layers.2." not in n for n in lora)  # the pruned layer has no attention to adapt

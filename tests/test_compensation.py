@@ -71,7 +71,7 @@ def test_paper_matches_formula_and_is_rank_one() -> None:
 
 
 def _padded_batches(x: np.ndarray, e: np.ndarray, garbage: float, dtype=torch.float32):
-    """Split tokens into [B, T, D] batches with ragged lengths, padding filled with ``garbage``."""
+    """Split tokens into [B, T, D] batches with ragged lengths, padding filled with `garbage`."""
     rng = np.random.default_rng(3)
     batches, start = [], 0
     for lengths in ([30, 50, 20], [70, 10], [5, 15]):

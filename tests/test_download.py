@@ -132,7 +132,7 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         srv = self.server

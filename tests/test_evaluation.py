@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from elmm.evaluation import FilterIndex, RankAccumulator, compute_ranks, summarize
+from elmm.evaluation import RankAccumulator, compute_ranks, summarize
+from elmm.kg.queries import FilterIndex
 
 
 def _ranks(opt, pes, cand) -> dict[str, torch.Tensor]:

@@ -49,3 +49,30 @@ def test_read_json_names_the_file_and_line(tmp_path):
         read_json(bad)
     with pytest.raises(FileNotFoundError, match="run the stage that produces it"):
         read_json(tmp_path / "missing.json")
+
+
+def test_files_written_by_safetensors_and_save_pretrained_are_readable(tmp_path):
+    """Safetensors and `save_pretrained` create their files 0600 whatever the umask; outputs written
+    through atomic_dir / atomic_path must still come out with the umask's permissions."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "weights.safetensors"))
+            (tmp / "sub").mkdir(mode=0o700)
+            LlamaModel(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2)).save_pretrained(tmp / "sub")
+        with atomic_path(tmp_path / "single.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    files = [tmp_path / "model/weights.safetensors", tmp_path / "model/sub/model.safetensors",
+             tmp_path / "model/sub/config.json", tmp_path / "single.safetensors"]
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode & 0o777))
+    for d in (tmp_path / "model", tmp_path / "model/sub"):
+        assert d.stat().st_mode & 0o777 == 0o755, d
+

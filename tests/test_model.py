@@ -1,5 +1,5 @@
-"""Tests for elmm.model (MVTC, masked max, loss, negatives, ELMM forward) and the model parts of
-elmm.workspace (LoRA / trainable split, save/load of trained weights, no answer leakage)."""
+"""Tests for elmm.model (MVTC, masked max, loss, ELMM forward) and elmm.batches (no answer leakage,
+no influence between batch mates)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from elmm.backbone import load_backbone
-from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max, sample_negatives
-from elmm.prompt import HEAD, TAIL, PromptBuilder
-from elmm.pruning.layers import PrunedDecoderLayer, prune_layers
-from elmm.workspace import (
-    Queries,
-    Workspace,
-    add_lora,
-    forward_batch,
-    load_trained,
-    make_batch,
-    queries_from_triples,
-    save_trained,
-    set_trainable,
-)
+from elmm.batches import forward_batch, make_batch
+from elmm.kg.queries import HEAD, TAIL, Queries, queries_from_triples
+from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max
+from elmm.prompt import PromptBuilder
+from elmm.workspace import Workspace
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
 
@@ -87,7 +77,7 @@ def perturb_(params, scale: float = 0.1) -> None:
 
 # ---------------------------------------------------------------------------------------- MVTC
 def test_mvtc_view_shapes() -> None:
-    """query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]."""
+    """Query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]."""
     torch.manual_seed(0)
     view = MVTCView(16, 4)
     out = view(torch.randn(3, 16), torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool))
@@ -226,30 +216,6 @@ def test_elmm_loss_ignores_masked_negative_score() -> None:
 
 
 # ---------------------------------------------------------------------------------------- negatives
-def test_sample_negatives_masks_known_answers_and_appends_anchor() -> None:
-    """Self-denoising puts the anchor last; known answers (the target included) are masked False."""
-    e = 6
-    anchors = torch.tensor([0, 3, 5])
-    targets = torch.tensor([2, 1, 4])
-    known = torch.zeros(3, e, dtype=torch.bool)
-    known[torch.arange(3), targets] = True
-    known[0, 4] = True  # a second known answer of query 0
-    gen = torch.Generator().manual_seed(0)
-    neg, mask = sample_negatives(anchors, known, 200, True, gen)
-    assert neg.shape == (3, 201) and mask.shape == (3, 201)
-    assert torch.equal(neg[:, -1], anchors)
-    assert torch.equal(mask, ~known.gather(1, neg))
-    for i in range(3):
-        hits = neg[i, :-1] == targets[i]
-        assert hits.any(), "200 uniform draws over 6 entities must hit the target"
-        assert not mask[i, :-1][hits].any()
-        assert mask[i, :-1][~known[i, neg[i, :-1]]].all()
-    assert not mask[0][neg[0] == 4].any()
-    assert mask[:, -1].all()  # the anchors are not known answers here
-
-    neg2, mask2 = sample_negatives(anchors, known, 5, False, torch.Generator().manual_seed(0))
-    assert neg2.shape == (3, 5) and neg2.min() >= 0 and neg2.max() < e
-    assert torch.equal(mask2, ~known.gather(1, neg2))
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -309,109 +275,9 @@ def test_elmm_forward_entity_without_images_is_finite(micro_workspace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- trainable split
-def _pruned_lora_model(ws, pruned: dict[int, torch.Tensor | None], r: int = 4):
-    prune_layers(ws.backbone.layers, pruned)
-    torch.manual_seed(0)
-    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(pruned), "ridge")
-    model = ELMM(ws.backbone, config)
-    lora = add_lora(model, r=r, alpha=2 * r, dropout=0.0)
-    set_trainable(model)
-    return model, lora
-
-
-def test_trainable_split_after_lora(make_workspace) -> None:
-    """Trainable = LoRA + MVTC + completion + compensation; all else frozen; LoRA on q/v of live layers."""
-    ws = make_workspace()
-    dim = ws.backbone.hidden_size
-    model, lora = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.01})
-    assert lora is not None and lora["target_modules"] == ["q_proj", "v_proj"]
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-
-    def expected_trainable(name: str) -> bool:
-        return (name.startswith(("text_view.", "image_view.", "completion."))
-                or ".lora_A." in name or ".lora_B." in name
-                or name == "llm.model.language_model.layers.1.compensation")
-
-    assert trainable == {n for n, _ in model.named_parameters() if expected_trainable(n)}
-    assert all(not expected_trainable(n) for n in frozen)
-    assert "llm.model.language_model.layers.1.compensation" in trainable
-    assert any(n.startswith("text_view.") for n in trainable) and any(n.startswith("completion.") for n in trainable)
-    assert not any(n.startswith("llm.") and "lora_" not in n and not n.endswith(".compensation") for n in trainable)
-    # The vision tower, projector, embeddings, norms, MLPs, lm_head are all frozen.
-    for key in ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head", "mlp", "layernorm"):
-        assert any(key in n for n in frozen), key
-        assert not any(key in n for n in trainable), key
-
-    lora_names = {n for n in trainable if "lora_" in n}
-    layers_with_lora = {int(n.split("layers.")[1].split(".")[0]) for n in lora_names}
-    assert layers_with_lora == {0, 2}
-    for n in lora_names:
-        assert ".self_attn.q_proj." in n or ".self_attn.v_proj." in n, n
-    for i in (0, 2):
-        for proj in ("q_proj", "v_proj"):
-            assert hasattr(getattr(ws.backbone.layers[i].self_attn, proj), "lora_A")
-        for proj in ("k_proj", "o_proj"):
-            assert not hasattr(getattr(ws.backbone.layers[i].self_attn, proj), "lora_A")
-    assert isinstance(ws.backbone.layers[1], PrunedDecoderLayer)
-    assert not any("lora_" in n for n, _ in ws.backbone.layers[1].named_parameters())
-
-    # Gradients reach every trainable tensor and no frozen one.
-    q = _queries(ws, 4)
-    model.train()
-    out = forward_batch(model, make_batch(ws, q))
-    elmm_loss(out.scores, q.targets, torch.randint(0, ws.kg.num_entities, (len(q), 3)),
-              torch.ones(len(q), 3, dtype=torch.bool)).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), n
-            if ".lora_A." not in n:  # lora_A's gradient is exactly 0 while lora_B is still 0
-                assert p.grad.abs().sum() > 0, n
-        else:
-            assert p.grad is None, n
-
-
-def test_add_lora_skips_fully_pruned_model(make_workspace) -> None:
-    """With every attention block pruned there is nothing to adapt: add_lora returns None."""
-    ws = make_workspace()
-    prune_layers(ws.backbone.layers, {i: None for i in range(ws.backbone.num_layers)})
-    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(range(ws.backbone.num_layers)), "none")
-    model = ELMM(ws.backbone, config)
-    assert add_lora(model, 4, 8, 0.0) is None
-    assert not any("lora_" in n for n, _ in model.named_parameters())
 
 
 # ---------------------------------------------------------------------------------------- save / load
-def test_save_load_trained_roundtrip(make_workspace, micro_env, tmp_path) -> None:
-    """save_trained + load_trained into a fresh backbone reproduce the (perturbed) model's scores exactly."""
-    ws = make_workspace()
-    dim = ws.backbone.hidden_size
-    model, lora = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.05})
-    torch.manual_seed(1)
-    perturb_([p for p in model.parameters() if p.requires_grad])  # LoRA B, MVTC, completion, W_c
-    model.eval()
-    q = _queries(ws, 6)
-    with torch.no_grad():
-        expected = forward_batch(model, make_batch(ws, q)).scores
-    save_trained(tmp_path / "model", model, lora, {"note": "test"})
-
-    fresh = dataclasses.replace(ws, backbone=load_backbone(micro_env.backbone_dir))
-    loaded = load_trained(fresh, tmp_path / "model")
-    assert loaded.config == model.config
-    assert isinstance(fresh.backbone.layers[1], PrunedDecoderLayer)
-    assert_close(fresh.backbone.layers[1].compensation, ws.backbone.layers[1].compensation, **EXACT)
-    with torch.no_grad():
-        got = forward_batch(loaded, make_batch(fresh, q)).scores
-    assert_close(got, expected, **EXACT)
-
-    # Control: a freshly initialised model of the same shape scores differently, so the match is not trivial.
-    other = dataclasses.replace(ws, backbone=load_backbone(micro_env.backbone_dir))
-    prune_layers(other.backbone.layers, {1: torch.zeros(dim, dim)})
-    torch.manual_seed(0)
-    baseline = ELMM(other.backbone, model.config).eval()
-    add_lora(baseline, 4, 8, 0.0)
-    with torch.no_grad():
-        assert not torch.allclose(forward_batch(baseline, make_batch(other, q)).scores, expected, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------- leakage

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from elmm.batches import forward_batch, make_batch
 from elmm.config import load_params
-from elmm.evaluation import TAIL, FilterIndex
+from elmm.kg.queries import TAIL, FilterIndex, Queries
+from elmm.model_io import load_trained
 from elmm.predict import main
-from elmm.workspace import Queries, forward_batch, load_trained, make_batch, open_workspace
+from elmm.workspace import open_workspace
 
 TRAIN = {"train": {"epochs": 1, "batch_size": 32, "negatives": 4, "warmup_steps": 1, "lr": 0.002}}
 

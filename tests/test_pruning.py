@@ -255,16 +255,16 @@ def test_calibrate_bottom_up_uses_pruned_lower_layers(load_micro_backbone, micro
             xs = capture(x_source, batch, {0: x_source.layers[0], 2: x_source.layers[2]})
             h = capture(ref, batch, {0: ref.layers[0].post_attention_layernorm,
                                      2: ref.layers[2].post_attention_layernorm})
-            for l in (0, 2):
-                accs[l].update(xs[l], h[l] - xs[l], m)
+            for layer in (0, 2):
+                accs[layer].update(xs[layer], h[layer] - xs[layer], m)
             if name == "pruned":
                 x_ref = capture(ref, batch, {2: ref.layers[2]})[2]
                 # The upper layer sees a different input once the lower layer is pruned.
                 assert (xs[2][m] - x_ref[m]).abs().max() > 1e-3
                 assert_close(xs[0], batch["embeds"], **EXACT)
-        fits[name] = {l: acc.solve("ridge", damp) for l, acc in accs.items()}
+        fits[name] = {layer: acc.solve("ridge", damp) for layer, acc in accs.items()}
 
-    installed = {l: bb.layers[l].compensation.detach() for l in (0, 2)}
+    installed = {layer: bb.layers[layer].compensation.detach() for layer in (0, 2)}
     assert_close(installed[0], fits["pruned"][0], rtol=1e-4, atol=1e-5)
     assert_close(installed[2], fits["pruned"][2], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(installed[2], fits["unpruned"][2], rtol=1e-3, atol=1e-4)

@@ -21,8 +21,16 @@ import torch
 from PIL import Image
 
 from elmm.kg.format import load_kg
-from elmm.vision import (MANIFEST, ImageTokens, encode_kg_images, finalize_encoding, pooled_tokens, shard_name,
-                         sidecar_name, worker_assignment)
+from elmm.vision import (
+    MANIFEST,
+    ImageTokens,
+    encode_kg_images,
+    finalize_encoding,
+    pooled_tokens,
+    shard_name,
+    sidecar_name,
+    worker_assignment,
+)
 
 SHARD_ROWS, BATCH = 8, 4  # several shards from the ~55 micro images, two batches each
 META = {"params_hash": "h1"}

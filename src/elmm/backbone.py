@@ -91,7 +91,7 @@ class Backbone:
 
 class LlavaBackbone(Backbone):
     @classmethod
-    def from_model(cls, name: str, model: nn.Module, tokenizer, image_processor) -> "LlavaBackbone":
+    def from_model(cls, name: str, model: nn.Module, tokenizer, image_processor) -> LlavaBackbone:
         inner = model.model  # LlavaModel: vision_tower, multi_modal_projector, language_model
         cfg = model.config
         return cls(
@@ -125,7 +125,7 @@ class LlavaBackbone(Backbone):
 
 
 class Qwen2VLBackbone(Backbone):
-    """Qwen2-VL / Qwen2.5-VL style: a ViT whose patch merger (the projector) maps each 2x2 window of
+    """Qwen2-VL (`model_type` qwen2_vl): a ViT whose patch merger (the projector) maps each 2x2 window of
     patch tokens to one decoder token, and a Qwen2 decoder (q_proj/v_proj like Llama).
 
     Choices: images are resized to one fixed square, so every image has the same patch grid; the
@@ -138,7 +138,7 @@ class Qwen2VLBackbone(Backbone):
     grid: torch.Tensor  # [1, 3] (t, h, w) patch grid of every image
 
     @classmethod
-    def from_model(cls, name: str, model: nn.Module, tokenizer, image_processor) -> "Qwen2VLBackbone":
+    def from_model(cls, name: str, model: nn.Module, tokenizer, image_processor) -> Qwen2VLBackbone:
         inner = model.model
         cfg = model.config
         self = cls(

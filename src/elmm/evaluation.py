@@ -1,42 +1,42 @@
-"""Rank-based evaluation for knowledge graph completion queries ``(h, r, ?)`` and ``(?, r, t)``.
+"""Rank-based evaluation for knowledge graph completion queries `(h, r, ?)` and `(?, r, t)`.
 
-Conventions (follow PyKEEN's ``RankBasedEvaluator`` and LibKGE's ``entity_ranking``):
+Conventions (follow PyKEEN's `RankBasedEvaluator` and LibKGE's `entity_ranking`):
 
 Ranks
-    For one query with score vector ``s`` over ``C`` candidates and true index ``t``
+    For one query with score vector `s` over `C` candidates and true index `t`
     (higher score = better):
 
-    * optimistic rank  = ``1 + #{j : s_j > s_t}``
-    * pessimistic rank = ``#{j : s_j >= s_t}`` (the true entity itself is counted)
-    * realistic rank   = ``(optimistic + pessimistic) / 2``
+    * optimistic rank  = `1 + #{j : s_j > s_t}`
+    * pessimistic rank = `#{j : s_j >= s_t}` (the true entity itself is counted)
+    * realistic rank   = `(optimistic + pessimistic) / 2`
 
-    Ties use a tolerance (LibKGE): ``s_j`` counts as equal to ``s_t`` when
-    ``|s_j - s_t| <= atol + rtol * |s_t|`` (defaults ``atol=1e-5``, ``rtol=1e-4``);
+    Ties use a tolerance (LibKGE): `s_j` counts as equal to `s_t` when
+    `|s_j - s_t| <= atol + rtol * |s_t|` (defaults `atol=1e-5`, `rtol=1e-4`);
     "greater" means strictly greater *and* not tied. Exactly equal scores (including equal
     infinities) are always ties; an infinite true score gets no tolerance band.
 
 Filtered setting
     All other known true answers of the query (from train + valid + test, see
-    :class:`FilterIndex`) are removed from the candidates; the target itself is never removed,
+    `elmm.kg.queries.FilterIndex`) are removed from the candidates; the target itself is never removed,
     even if the mask marks it. Removed candidates do not count towards the candidate count
-    ``C_i``. NaN scores are treated as removed as well. A query whose *target* score is NaN
-    cannot be placed, so it is ranked last (optimistic = pessimistic = ``C_i``).
+    `C_i`. NaN scores are treated as removed as well. A query whose *target* score is NaN
+    cannot be placed, so it is ranked last (optimistic = pessimistic = `C_i`).
 
-Metrics (:func:`summarize`)
-    ``mr`` mean realistic rank; ``mrr`` mean of ``1 / realistic``; ``hits_at_k`` fraction of
-    queries with realistic rank ``<= k``; ``mrr_optimistic`` / ``mrr_pessimistic`` the MRR of
-    the optimistic / pessimistic ranks; ``amr`` adjusted mean rank
-    ``mr / mean((C_i + 1) / 2)`` (PyKEEN's AMR: a random scorer gets about 1, a perfect one
-    about ``1 / mean((C_i + 1) / 2)``); ``candidates`` the mean filtered candidate count;
-    ``count`` the number of ranks. Values are plain Python floats/ints rounded to 6 decimals;
-    for an empty set every metric except ``count`` is ``None``.
+Metrics (`summarize`)
+    `mr` mean realistic rank; `mrr` mean of `1 / realistic`; `hits_at_k` fraction of
+    queries with realistic rank `<= k`; `mrr_optimistic` / `mrr_pessimistic` the MRR of
+    the optimistic / pessimistic ranks; `amr` adjusted mean rank
+    `mr / mean((C_i + 1) / 2)` (PyKEEN's AMR: a random scorer gets about 1, a perfect one
+    about `1 / mean((C_i + 1) / 2)`); `candidates` the mean filtered candidate count;
+    `count` the number of ranks. Values are plain Python floats/ints rounded to 6 decimals;
+    for an empty set every metric except `count` is `None`.
 
 Direction
-    ``0`` = predict the tail given ``(anchor=head, relation)``, reported as ``"tail"``;
-    ``1`` = predict the head given ``(relation, anchor=tail)``, reported as ``"head"``.
+    `0` = predict the tail given `(anchor=head, relation)`, reported as `"tail"`;
+    `1` = predict the head given `(relation, anchor=tail)`, reported as `"head"`.
 
 Ranks are computed by counting comparisons only (no sorting), batch by batch, so memory per
-call is ``O(B * C)`` and no step needs the scores of all queries at once.
+call is `O(B * C)` and no step needs the scores of all queries at once.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["compute_ranks", "FilterIndex", "RankAccumulator", "summarize", "TAIL", "HEAD"]
+from .kg.queries import HEAD, TAIL, as_int_array
 
-#: Direction codes: predict the tail of (anchor, r, ?) / the head of (?, r, anchor).
-TAIL = 0
-HEAD = 1
+__all__ = ["compute_ranks", "RankAccumulator", "summarize", "TIE_ATOL", "TIE_RTOL"]
+
+#: Tie tolerance of `compute_ranks` (LibKGE's): scores within TIE_ATOL + TIE_RTOL * |s_true| tie.
+TIE_ATOL = 1e-5
+TIE_RTOL = 1e-4
 
 _DECIMALS = 6
 
@@ -63,23 +65,23 @@ def compute_ranks(
     scores: torch.Tensor,
     targets: torch.Tensor,
     filter_mask: torch.Tensor | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float = TIE_ATOL,
+    rtol: float = TIE_RTOL,
 ) -> dict[str, torch.Tensor]:
     """Optimistic, pessimistic and realistic rank of the target of each query in a batch.
 
     Args:
-        scores: ``[B, C]`` float scores, higher is better. Half/bfloat16 is upcast to float32
-            (tolerances of ``1e-5`` are below half precision); float64 stays float64.
-        targets: ``[B]`` long, index of the true candidate of each query.
-        filter_mask: optional ``[B, C]`` bool, ``True`` = remove this candidate (other known
+        scores: `[B, C]` float scores, higher is better. Half/bfloat16 is upcast to float32
+            (tolerances of `1e-5` are below half precision); float64 stays float64.
+        targets: `[B]` long, index of the true candidate of each query.
+        filter_mask: optional `[B, C]` bool, `True` = remove this candidate (other known
             answers). The target is never removed, even where marked.
         atol: absolute tie tolerance.
-        rtol: relative tie tolerance (relative to ``|s_t|``).
+        rtol: relative tie tolerance (relative to `|s_t|`).
 
     Returns:
-        ``{"optimistic": [B] float, "pessimistic": [B] float, "realistic": [B] float,
-        "candidates": [B] long}`` on the device of ``scores``.
+        `{"optimistic": [B] float, "pessimistic": [B] float, "realistic": [B] float,
+        "candidates": [B] long}` on the device of `scores`.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, C], got shape {tuple(scores.shape)}")
@@ -145,122 +147,6 @@ def compute_ranks(
 
 
 # --------------------------------------------------------------------------------------------
-# Known answers for the filtered setting
-# --------------------------------------------------------------------------------------------
-def _to_numpy_int(values: Any) -> np.ndarray:
-    """Any int array-like / tensor / scalar as a 1-D int64 numpy array."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.atleast_1d(np.asarray(values, dtype=np.int64)).reshape(-1)
-
-
-class _AnswerTable:
-    """Compressed (CSR-like) map from an int64 query key to its sorted answers."""
-
-    def __init__(self, keys: np.ndarray, values: np.ndarray) -> None:
-        # lexsort: primary key `keys`, secondary `values`, so each key's answers come sorted.
-        order = np.lexsort((values, keys))
-        keys, values = keys[order], values[order]
-        self.keys, self.starts, self.counts = np.unique(keys, return_index=True, return_counts=True)
-        self.values = values
-
-    def lookup(self, query_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(start, count) into ``values`` for each query key; count 0 for unknown keys."""
-        starts = np.zeros(len(query_keys), dtype=np.int64)
-        counts = np.zeros(len(query_keys), dtype=np.int64)
-        if not len(self.keys):
-            return starts, counts
-        pos = np.minimum(np.searchsorted(self.keys, query_keys), len(self.keys) - 1)
-        found = self.keys[pos] == query_keys
-        starts[found] = self.starts[pos[found]]
-        counts[found] = self.counts[pos[found]]
-        return starts, counts
-
-
-class FilterIndex:
-    """Known answers of every (head, relation) and (relation, tail) pair from a set of triples.
-
-    Built with vectorised numpy (sort + unique), so 300k triples take well under a second;
-    lookups are binary searches, so :meth:`mask` costs ``O(B log n + answers)`` plus the
-    ``[B, num_entities]`` output.
-    """
-
-    def __init__(self, triples: np.ndarray, num_entities: int) -> None:
-        """
-        Args:
-            triples: int ``[n, 3]`` rows ``(head, relation, tail)``, normally train + valid + test.
-                Duplicates are harmless.
-            num_entities: number of entities (width of the masks).
-        """
-        triples = np.asarray(triples, dtype=np.int64).reshape(-1, 3)
-        entities = triples[:, [0, 2]]
-        if entities.size and (triples.min() < 0 or entities.max() >= num_entities):
-            raise ValueError(f"triples reference entities outside [0, {num_entities}) or negative ids")
-        self.num_entities = int(num_entities)
-        # Relations are only needed to build unique int64 keys anchor * R + relation.
-        self.num_relations = int(triples[:, 1].max()) + 1 if len(triples) else 1
-        triples = np.unique(triples, axis=0) if len(triples) else triples
-        heads, relations, tails = triples[:, 0], triples[:, 1], triples[:, 2]
-        self._tables = {
-            TAIL: _AnswerTable(heads * self.num_relations + relations, tails),
-            HEAD: _AnswerTable(tails * self.num_relations + relations, heads),
-        }
-
-    def _lookup(self, anchors: Any, relations: Any, directions: Any) -> tuple[np.ndarray, ...]:
-        """Broadcast the query arrays and return (directions, starts, counts) per query."""
-        anchors, relations, directions = np.broadcast_arrays(
-            _to_numpy_int(anchors), _to_numpy_int(relations), _to_numpy_int(directions)
-        )
-        if not np.isin(directions, (TAIL, HEAD)).all():
-            raise ValueError("directions must be 0 (predict tail) or 1 (predict head)")
-        if len(anchors) and (anchors.min() < 0 or anchors.max() >= self.num_entities):
-            raise ValueError(f"anchors must lie in [0, {self.num_entities})")
-        # Relations never seen in the triples simply have no known answers.
-        unknown = (relations < 0) | (relations >= self.num_relations)
-        keys = np.where(unknown, -1, anchors * self.num_relations + relations)
-        starts = np.zeros(len(keys), dtype=np.int64)
-        counts = np.zeros(len(keys), dtype=np.int64)
-        for direction, table in self._tables.items():
-            sel = directions == direction
-            if sel.any():
-                starts[sel], counts[sel] = table.lookup(keys[sel])
-        return directions, starts, counts
-
-    def answers(self, anchor: int, relation: int, direction: int) -> np.ndarray:
-        """Sorted known answers of one query (empty int64 array if none)."""
-        _, starts, counts = self._lookup(anchor, relation, direction)
-        start, count = int(starts[0]), int(counts[0])
-        return self._tables[int(direction)].values[start : start + count].copy()
-
-    def mask(
-        self,
-        anchors: np.ndarray | torch.Tensor,
-        relations: np.ndarray | torch.Tensor,
-        directions: np.ndarray | torch.Tensor | int,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """Bool ``[B, num_entities]``, ``True`` at every known answer of each query.
-
-        ``directions`` may be a scalar applied to the whole batch. The result includes the
-        query's own target; :func:`compute_ranks` keeps the target regardless.
-        """
-        directions, starts, counts = self._lookup(anchors, relations, directions)
-        batch = len(starts)
-        out = np.zeros((batch, self.num_entities), dtype=bool)
-        for direction, table in self._tables.items():
-            sel = np.flatnonzero((directions == direction) & (counts > 0))
-            if not len(sel):
-                continue
-            n = counts[sel]
-            rows = np.repeat(sel, n)
-            # Position of every answer inside `values`: each query's start plus 0..count-1.
-            offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-            cols = table.values[np.repeat(starts[sel], n) + offsets]
-            out[rows, cols] = True
-        return torch.from_numpy(out).to(device) if device is not None else torch.from_numpy(out)
-
-
-# --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
 def _round(value: float) -> float:
@@ -268,9 +154,9 @@ def _round(value: float) -> float:
 
 
 def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[str, float | int | None]:
-    """The flat metric dict for one set of ranks (output of :func:`compute_ranks`, any batch size).
+    """The flat metric dict for one set of ranks (output of `compute_ranks`, any batch size).
 
-    Keys: ``mr, mrr, hits_at_<k>..., mrr_optimistic, mrr_pessimistic, amr, candidates, count``.
+    Keys: `mr, mrr, hits_at_<k>..., mrr_optimistic, mrr_pessimistic, amr, candidates, count`.
     """
     # float64 on CPU: means over millions of ranks should not lose precision.
     opt = torch.as_tensor(ranks["optimistic"]).detach().cpu().double().reshape(-1)
@@ -313,7 +199,7 @@ class RankAccumulator:
         return sum(part.numel() for part in self._parts["direction"])
 
     def add(self, ranks: dict[str, torch.Tensor], directions: Any, relations: Any) -> None:
-        """Store one batch of ranks; ``directions`` may be a scalar for the whole batch."""
+        """Store one batch of ranks; `directions` may be a scalar for the whole batch."""
         batch = torch.as_tensor(ranks["realistic"]).numel()
         # Stored on CPU so GPU memory is not held across the whole evaluation.
         for key in self._RANK_KEYS:
@@ -322,7 +208,7 @@ class RankAccumulator:
                 raise ValueError(f"ranks[{key!r}] has {values.numel()} entries, expected {batch}")
             self._parts[key].append(values.to(self._dtype(key)))
         for key, values in (("direction", directions), ("relation", relations)):
-            array = np.broadcast_to(_to_numpy_int(values), (batch,))
+            array = np.broadcast_to(as_int_array(values), (batch,))
             self._parts[key].append(torch.from_numpy(array.copy()))
 
     @staticmethod
@@ -336,11 +222,11 @@ class RankAccumulator:
         }
 
     def metrics(self, relation_names: list[str] | None = None, hits: tuple[int, ...] = (1, 3, 10)) -> dict:
-        """Overall metrics plus ``"head"``, ``"tail"`` and ``"per_relation"`` breakdowns.
+        """Overall metrics plus `"head"`, `"tail"` and `"per_relation"` breakdowns.
 
-        ``per_relation`` pools both sides and is keyed by ``relation_names[index]`` when names
-        are given, else ``str(index)``; only relations that occurred are listed, in index order.
-        Each entry also carries compact ``"head"`` and ``"tail"`` breakdowns (SIDE_KEYS): the
+        `per_relation` pools both sides and is keyed by `relation_names[index]` when names
+        are given, else `str(index)`; only relations that occurred are listed, in index order.
+        Each entry also carries compact `"head"` and `"tail"` breakdowns (SIDE_KEYS): the
         two sides of one relation can differ in kind (on the synthetic world, a tail query of
         `has colour` shows the anchor's images, a head query's anchor is a colour concept with none).
         """

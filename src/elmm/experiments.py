@@ -27,7 +27,7 @@ from .io import write_csv_rows
 
 METRICS = ("mrr", "mr", "hits_at_1", "hits_at_3", "hits_at_10")
 
-# The paper's Table 3 as param overrides (README: "Ablations").
+# The paper's Table 3 as param overrides (docs/results.md, "Ablations").
 ABLATIONS = {
     "untrained": ["train.max_steps=0"],
     "no-image-view": ["model.mvtc.image_view=false"],

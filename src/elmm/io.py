@@ -11,14 +11,32 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _readable(path: Path) -> None:
+    """Give `path` (and everything below it) the permissions the umask allows.
+
+    mkstemp/mkdtemp make 0600/0700, and some writers (safetensors, `save_pretrained`) create their
+    files 0600 whatever the umask: outputs on a shared machine must be readable like any other file.
+    """
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+        else:
+            os.chmod(p, (0o666 | (p.stat().st_mode & 0o111)) & ~mask)
 
 
 @contextlib.contextmanager
@@ -29,9 +47,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp
+        if tmp.exists():
+            _readable(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -44,9 +63,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        _readable(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

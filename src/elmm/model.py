@@ -9,7 +9,7 @@ One query = a known entity (its stored image tokens and its text) plus a relatio
     completion:    E_m = [maxpool(h at image positions), h at entity token, h at relation token]
                    scores = Linear(3D, E)(Linear(3D, 3D)(E_m))
 
-Choices where the paper is silent (README, "Model"):
+Choices where the paper is silent (docs/model.md):
 - Per-head value projections are D x D as written (V_i = I_t W_i^V); they start as the identity,
   so an untrained view is attention pooling of the projected image tokens (the decoder's own
   input distribution) rather than a random projection of it.
@@ -49,7 +49,7 @@ class ELMMConfig:
         return asdict(self)
 
     @classmethod
-    def from_params(cls, params, num_entities: int, pruned_layers=(), compensation: str = "none") -> "ELMMConfig":
+    def from_params(cls, params, num_entities: int, pruned_layers=(), compensation: str = "none") -> ELMMConfig:
         m = params.model
         return cls(
             num_entities=num_entities,
@@ -79,7 +79,7 @@ class MVTCView(nn.Module):
     logits' inputs only; the values stay the raw projected tokens. Without them the logits scale
     with |q| |I|, which depends on the backbone. On the tiny default (|I| ~ 0.2) they spread by
     ~4e-4 within an entity and 5 epochs only reach ~1e-2, so every head stays an exact mean pool,
-    whatever the query. The two views are then one view (README, "Model").
+    whatever the query. The two views are then one view (docs/model.md, "MVTC").
     """
 
     def __init__(self, dim: int, heads: int):
@@ -97,7 +97,7 @@ class MVTCView(nn.Module):
         nn.init.normal_(self.k.weight, std=dim**-0.5)
 
     def forward(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]; masked tokens get zero weight."""
+        """Query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]; masked tokens get zero weight."""
         b, t, _ = tokens.shape
         q = self.q(self.query_norm(query)).view(b, self.heads, self.head_dim)
         k = self.k(self.token_norm(tokens)).view(b, t, self.heads, self.head_dim)
@@ -134,6 +134,7 @@ class ELMM(nn.Module):
         self.config = config
         self.backbone = backbone
         self.llm = backbone.model  # registered so .to(), state_dict and peft see the real modules
+        self.lora = None  # the peft LoraConfig once model_io.add_lora injected an adapter
         dim = backbone.hidden_size
         c = config
         self.text_view = MVTCView(dim, c.heads) if c.mvtc_enabled and c.text_view else None
@@ -226,14 +227,3 @@ def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tens
     neg = neg_terms.sum(1) / negative_mask.sum(1).clamp(min=1)
     return -(pos + neg).mean()
 
-
-def sample_negatives(anchors: torch.Tensor, known: torch.Tensor, num: int, self_denoise: bool,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` uniform negatives per query, masked where they are known answers (`known` [B, E]),
-    plus the query's own entity as a hard negative (self-denoising) when asked."""
-    b, e = known.shape
-    neg = torch.randint(0, e, (b, num), generator=generator)
-    if self_denoise:
-        neg = torch.cat([neg, anchors[:, None].cpu()], dim=1)
-    mask = ~known.cpu().gather(1, neg)
-    return neg, mask

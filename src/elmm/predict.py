@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import sys
 from contextlib import chdir
 from pathlib import Path
@@ -69,11 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def predict(args: argparse.Namespace) -> dict:
-    from .config import load_params
-    from .evaluation import HEAD, TAIL, FilterIndex
-    from .workspace import Queries, forward_batch, load_trained, make_batch, open_workspace
-
     import transformers
+
+    from .batches import forward_batch, make_batch
+    from .config import load_params
+    from .device import default_device
+    from .kg.queries import HEAD, TAIL, FilterIndex, Queries
+    from .model_io import load_trained
+    from .workspace import open_workspace
 
     # A command-line tool: no model-loading progress bars or backend notices around the answer.
     transformers.utils.logging.set_verbosity_error()
@@ -89,8 +91,7 @@ def predict(args: argparse.Namespace) -> dict:
         direction = TAIL if args.head is not None else HEAD
         anchor = resolve(kg.entities, args.head if args.head is not None else args.tail, "entity")
         relation = resolve(kg.relations, args.relation, "relation")
-        dev = torch.device(os.environ.get("ELMM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_trained(ws, "data/model").to(dev)
+        model = load_trained(ws, "data/model").to(default_device())
     q = Queries(torch.tensor([anchor]), torch.tensor([relation]), torch.tensor([direction]), torch.tensor([0]))
     with torch.no_grad():
         scores = forward_batch(model, make_batch(ws, q)).scores[0].float().cpu()

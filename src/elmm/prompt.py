@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .evaluation import HEAD, TAIL  # direction codes: predict the tail of (e, r, ?) / the head of (?, r, e)
+from .kg.queries import HEAD, TAIL  # direction codes: predict the tail of (e, r, ?) / the head of (?, r, e)
 
 __all__ = ["HEAD", "TAIL", "PromptBuilder", "TextBatch"]
 

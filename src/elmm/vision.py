@@ -21,7 +21,7 @@ on access. `ImageTokens.get` fancy-indexes the ~B x N requested rows out of thos
 costs its own bytes and the reader's RAM does not grow with the dataset. Each Parquet shard is
 converted once, by the worker that wrote it (or by `finalize_encoding` when a worker died in
 between); the reader itself never writes, because DVC outputs may be read-only cache links. The
-price is twice the disk (documented in the README); Parquet stays the interchange format any tool
+price is twice the disk (docs/pipeline.md, "Image encoding"); Parquet stays the interchange format any tool
 reads, the sidecar is a derived, byte-deterministic cache of it.
 
 Sharding and resumption. Shard k holds images [k * shard_rows, (k + 1) * shard_rows) of the KG's
@@ -394,7 +394,7 @@ class _Rows:
         self.dense: torch.Tensor | None = None
 
     @classmethod
-    def from_dense(cls, tensor: torch.Tensor) -> "_Rows":
+    def from_dense(cls, tensor: torch.Tensor) -> _Rows:
         rows = cls([], np.zeros((0, 0), np.int64), tuple(tensor.shape[2:]))
         rows.dense = tensor
         return rows

@@ -1,9 +1,9 @@
 """Safe extraction of zip and tar (optionally gz/bz2/xz-compressed) archives.
 
-Every member is checked before anything is written: absolute paths, ``..`` components, symbolic
+Every member is checked before anything is written: absolute paths, `..` components, symbolic
 and hard links, device files and FIFOs are refused with an UnsafeArchiveError naming the archive
 and the member. Only regular files and directories are created, by this code (never by
-``extractall``), into a temporary directory that replaces the target only when all succeeded.
+`extractall`), into a temporary directory that replaces the target only when all succeeded.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Fetching dataset archives: resumable, retrying, checksummed HTTP(S) downloads (standard library only).
 
-A download streams into ``<cache>/<name>.part`` and is renamed to ``<cache>/<name>`` only once it
+A download streams into `<cache>/<name>.part` and is renamed to `<cache>/<name>` only once it
 is complete (and its checksum matches, when one is given). The cache lives outside the DVC outputs,
-so a partial file survives an interrupted ``dvc repro`` and the next run resumes it with an HTTP
+so a partial file survives an interrupted `dvc repro` and the next run resumes it with an HTTP
 Range request.
 
-``file://`` URLs and plain paths are used in place (never copied).
+`file://` URLs and plain paths are used in place (never copied).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -51,7 +50,7 @@ def is_remote(url: str) -> bool:
 
 
 def local_path(url: str) -> Path:
-    """The filesystem path of a ``file://`` URL or a plain path; ValueError for other schemes."""
+    """The filesystem path of a `file://` URL or a plain path; ValueError for other schemes."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "file":
@@ -124,7 +123,7 @@ def fetch(
             if e.code not in TRANSIENT_HTTP:
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
             reason = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
             reason = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         after = part.stat().st_size if part.exists() else 0
         # Count only failures in a row without progress, so a long download over a flaky link

@@ -2,16 +2,16 @@
 
 A KG directory holds:
 
-- ``entities.parquet``  id, name, description (string), num_images (int32); row order = entity index
-- ``relations.parquet`` id, name, modality (string: "image" | "text" | "structure" | "")
-- ``train/valid/test.parquet`` head, relation, tail (int32 indices)
-- ``images.parquet``    entity (int32), slot (int16), path (string, POSIX, relative to the KG dir),
+- `entities.parquet`  id, name, description (string), num_images (int32); row order = entity index
+- `relations.parquet` id, name, modality (string: "image" | "text" | "structure" | "")
+- `train/valid/test.parquet` head, relation, tail (int32 indices)
+- `images.parquet`    entity (int32), slot (int16), path (string, POSIX, relative to the KG dir),
   sorted by (entity, slot)
-- ``meta.json``         format_version, source, counts, plus source-specific keys
+- `meta.json`         format_version, source, counts, plus source-specific keys
 
 Tables are written with explicit Arrow schemas and no pandas metadata, so the same input gives
-byte-identical files (DVC then sees no spurious change). ``meta.json`` is written last: a
-directory with a ``meta.json`` is complete.
+byte-identical files (DVC then sees no spurious change). `meta.json` is written last: a
+directory with a `meta.json` is complete.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Real data sources: acquire archives/directories and normalise them into the canonical KG format.
 
-``ingest`` resolves each ``data.url`` (download to the cache, or use a local archive/directory in
+`ingest` resolves each `data.url` (download to the cache, or use a local archive/directory in
 place), extracts archives safely into a scratch folder inside the cache, finds the MKGformer
-layout (or, for ``custom``, a canonical KG directory), validates it, checks every image, and writes
+layout (or, for `custom`, a canonical KG directory), validates it, checks every image, and writes
 the KG directory atomically: it appears only when everything succeeded.
 """
 

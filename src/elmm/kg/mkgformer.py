@@ -2,14 +2,14 @@
 
 Text files (tab-separated, UTF-8; blank lines ignored):
 
-- ``train.tsv``, ``dev.tsv`` (or ``valid.tsv``), ``test.tsv``: head, relation, tail
-- ``entities.txt``: one entity id per line: the KG's entities, in index order (the candidate set)
-- ``entity2text.txt``: id, text (FB15k: the name; WN18: "name, gloss"), may list more entities
-- ``entity2textlong.txt`` (optional): id, description
-- ``relations.txt``: one relation id per line; ``relation2text.txt``: id, name
+- `train.tsv`, `dev.tsv` (or `valid.tsv`), `test.tsv`: head, relation, tail
+- `entities.txt`: one entity id per line: the KG's entities, in index order (the candidate set)
+- `entity2text.txt`: id, text (FB15k: the name; WN18: "name, gloss"), may list more entities
+- `entity2textlong.txt` (optional): id, description
+- `relations.txt`: one relation id per line; `relation2text.txt`: id, name
 
-Images: ``FB15k-images/m.01rng/*`` for ``/m/01rng``; ``wn18-images/n02174461/*`` for ``02174461``.
-Every problem is reported as ``file:line: message``.
+Images: `FB15k-images/m.01rng/*` for `/m/01rng`; `wn18-images/n02174461/*` for `02174461`.
+Every problem is reported as `file:line: message`.
 """
 
 from __future__ import annotations

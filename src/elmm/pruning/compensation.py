@@ -1,14 +1,14 @@
 """Closed-form linear compensation for pruned attention sub-blocks.
 
-A pruned layer computes ``x + x @ W_c`` instead of ``x + attn(LN(x))``. ``W_c`` is
-fitted on calibration tokens so that ``x @ W_c`` approximates the error ``eps`` the
+A pruned layer computes `x + x @ W_c` instead of `x + attn(LN(x))`. `W_c` is
+fitted on calibration tokens so that `x @ W_c` approximates the error `eps` the
 pruning introduces (e.g. the removed attention output).
 
 Methods:
-    ``ridge``  least squares over all tokens, ``W = (XᵀX + λI)⁻¹ XᵀE`` with
-               ``λ = damp * mean(diag(XᵀX))``.
-    ``paper``  Theorem 1 taken literally, ``W = pinv(x̄) ē = x̄ᵀ ē / ‖x̄‖²`` (rank 1).
-    ``none``   no compensation, ``W = 0``.
+    `ridge`  least squares over all tokens, `W = (XᵀX + λI)⁻¹ XᵀE` with
+               `λ = damp * mean(diag(XᵀX))`.
+    `paper`  Theorem 1 taken literally, `W = pinv(x̄) ē = x̄ᵀ ē / ‖x̄‖²` (rank 1).
+    `none`   no compensation, `W = 0`.
 
 Everything is accumulated in float64 because XᵀX over many tokens of a large
 residual stream loses too much precision in float32 for a stable solve.
@@ -24,7 +24,7 @@ METHODS = ("ridge", "paper", "none")
 def _real_tokens(
     x: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten ``[..., D]`` inputs to float64 ``[N, D]`` rows, dropping padding.
+    """Flatten `[..., D]` inputs to float64 `[N, D]` rows, dropping padding.
 
     Padding rows are removed by indexing (not by zeroing-and-multiplying) so that
     NaN/inf garbage in padded positions cannot leak into the sums.
@@ -43,9 +43,9 @@ def _real_tokens(
 
 
 def solve_ridge(xtx: torch.Tensor, xte: torch.Tensor, damp: float) -> torch.Tensor:
-    """Solve ``(XᵀX + λI) W = XᵀE`` with ``λ = damp * mean(diag(XᵀX))``; returns float32 ``W``.
+    """Solve `(XᵀX + λI) W = XᵀE` with `λ = damp * mean(diag(XᵀX))`; returns float32 `W`.
 
-    The damping is relative to the mean diagonal so one ``damp`` value works across
+    The damping is relative to the mean diagonal so one `damp` value works across
     layers whose hidden-state scales differ by orders of magnitude.
     """
     if damp < 0:
@@ -64,7 +64,7 @@ def solve_ridge(xtx: torch.Tensor, xte: torch.Tensor, damp: float) -> torch.Tens
 
 
 def solve_paper(mean_x: torch.Tensor, mean_e: torch.Tensor) -> torch.Tensor:
-    """Rank-1 solution ``pinv(x̄) ē = x̄ᵀ ē / ‖x̄‖²`` from the mean token rows; returns float32 ``W``."""
+    """Rank-1 solution `pinv(x̄) ē = x̄ᵀ ē / ‖x̄‖²` from the mean token rows; returns float32 `W`."""
     mean_x = mean_x.reshape(-1).to(torch.float64)
     mean_e = mean_e.reshape(-1).to(torch.float64)
     norm_sq = mean_x.dot(mean_x)
@@ -76,9 +76,9 @@ def solve_paper(mean_x: torch.Tensor, mean_e: torch.Tensor) -> torch.Tensor:
 class CompensationAccumulator:
     """Streams calibration tokens into float64 sufficient statistics for every method.
 
-    Holds ``xtx`` = XᵀX [D, D], ``xte`` = XᵀE [D, D], ``sum_x`` [D], ``sum_e`` [D],
-    the token count, and ``sum_e_sq`` = ‖E‖²_F so the fit's residual energy can be
-    reported without a second pass (see :meth:`residual_energy`).
+    Holds `xtx` = XᵀX [D, D], `xte` = XᵀE [D, D], `sum_x` [D], `sum_e` [D],
+    the token count, and `sum_e_sq` = ‖E‖²_F so the fit's residual energy can be
+    reported without a second pass (see `residual_energy`).
     """
 
     def __init__(self, dim: int, device: str | torch.device = "cpu") -> None:
@@ -97,7 +97,7 @@ class CompensationAccumulator:
         return self._count
 
     def update(self, x: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add a batch: ``x``, ``eps`` are ``[..., D]``; ``mask`` is ``[...]`` with True = real token."""
+        """Add a batch: `x`, `eps` are `[..., D]`; `mask` is `[...]` with True = real token."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected last dim {self.dim}, got {x.shape[-1]}")
         xs, es = _real_tokens(x, eps, mask)
@@ -110,7 +110,7 @@ class CompensationAccumulator:
         self._count += xs.shape[0]
 
     def solve(self, method: str, damp: float = 1e-2) -> torch.Tensor:
-        """Return the float32 ``[D, D]`` compensation matrix for ``method`` (zeros for ``none``)."""
+        """Return the float32 `[D, D]` compensation matrix for `method` (zeros for `none`)."""
         if method not in METHODS:
             raise ValueError(f"unknown compensation method {method!r}; valid: {', '.join(METHODS)}")
         if method == "none":
@@ -122,7 +122,7 @@ class CompensationAccumulator:
         return solve_paper(self.sum_x / self._count, self.sum_e / self._count)
 
     def residual_energy(self, W: torch.Tensor) -> dict[str, float]:
-        """Mean squared error per token on the calibration set, before and after ``W``.
+        """Mean squared error per token on the calibration set, before and after `W`.
 
         Uses ‖E − XW‖² = ‖E‖² − 2·tr(Wᵀ XᵀE) + tr(Wᵀ XᵀX W), so no tokens are revisited.
         """
@@ -147,7 +147,7 @@ class ErrorMeter:
         W: torch.Tensor | None,
         mask: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch; ``W=None`` means no compensation (after == before)."""
+        """Add a batch; `W=None` means no compensation (after == before)."""
         xs, es = _real_tokens(x, eps, mask)
         before = es.norm(dim=-1)
         after = before if W is None else (es - xs @ W.to(xs)).norm(dim=-1)
@@ -156,7 +156,7 @@ class ErrorMeter:
         self.tokens += xs.shape[0]
 
     def result(self) -> dict:
-        """``{"before", "after", "relative" (after/before, 0 if before == 0), "tokens"}``."""
+        """`{"before", "after", "relative" (after/before, 0 if before == 0), "tokens"}`."""
         n = max(self.tokens, 1)
         before, after = self.sum_before / n, self.sum_after / n
         return {

@@ -119,9 +119,9 @@ def _capture_layer(layer: nn.Module, want_attention: bool):
 
 
 def _run_until(run, batch) -> torch.Tensor:
-    mask_holder = {}
+    """Run the forward pass until a capture hook stops it; the batch's decoder mask."""
     try:
-        mask_holder["m"] = run(batch)
+        run(batch)
     except _Stop:
         pass
     return batch["decoder_mask"]
@@ -150,20 +150,20 @@ def calibrate_bottom_up(layers: nn.ModuleList, selected: list[int], run: Callabl
     """
     original = {i: layers[i] for i in range(len(layers))}
     results = []
-    for l in sorted(selected):
+    for index in sorted(selected):
         captures = {"fit": [], "heldout": []}
         for split, batches in (("fit", fit_batches), ("heldout", heldout_batches)):
             for batch in batches:
-                # Unpruned model: hidden state after layer l's attention sub-block.
+                # Unpruned model: hidden state after layer index's attention sub-block.
                 pruned_now = {i: layers[i] for i in range(len(layers)) if layers[i] is not original[i]}
                 for i in pruned_now:
                     layers[i] = original[i]
-                with _capture_layer(layers[l], want_attention=True) as ref:
+                with _capture_layer(layers[index], want_attention=True) as ref:
                     mask = _run_until(run, batch)
                 for i, layer in pruned_now.items():
                     layers[i] = layer
                 h_ori = (ref["x"] + ref["a"]).float()
-                with _capture_layer(layers[l], want_attention=True) as cur:
+                with _capture_layer(layers[index], want_attention=True) as cur:
                     _run_until(run, batch)
                 x = cur["x"].float()
                 m = mask.bool().to(x.device)
@@ -186,9 +186,9 @@ def calibrate_bottom_up(layers: nn.ModuleList, selected: list[int], run: Callabl
             installed = None
         else:
             installed = torch.zeros_like(solutions[method]) if init == "zero" else solutions[method]
-        prune_layers(layers, {l: installed})
-        after = errors[method if method != "none" else "none"]["heldout"][target]
-        progress(f"calibrate: layer {l} pruned ({method}, target {target}); held-out error "
+        prune_layers(layers, {index: installed})
+        after = errors[method]["heldout"][target]
+        progress(f"calibrate: layer {index} pruned ({method}, target {target}); held-out error "
                  f"{after['before']:.4g} -> {after['after']:.4g}")
-        results.append(LayerCalibration(l, installed, errors))
+        results.append(LayerCalibration(index, installed, errors))
     return results

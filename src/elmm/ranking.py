@@ -1,0 +1,75 @@
+"""The ranking pass over a model: filtered ranks of every query against every entity.
+
+Shared by validation (during training) and the evaluate stage. The rank definitions themselves
+live in `elmm.evaluation`; this module only runs the model batch by batch and feeds them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .batches import forward_batch, make_batch
+from .device import autocast, synchronize
+from .evaluation import RankAccumulator, compute_ranks
+from .kg.queries import FilterIndex, Queries
+from .model import ELMM, QueryOutput
+from .workspace import Workspace
+
+
+@dataclass
+class RankingResult:
+    metrics: dict
+    queries: int
+    seconds: float  # wall time of the pass (batch assembly + model + ranking), without on_batch hooks
+    image_tokens: int  # image tokens per query entering the decoder
+    forward_seconds: float = 0.0  # time inside the model's forward only
+
+    @property
+    def queries_per_second(self) -> float:
+        return self.queries / self.seconds if self.seconds else 0.0
+
+
+BatchHook = Callable[[Queries, QueryOutput, torch.Tensor], None]
+
+
+@torch.no_grad()
+def evaluate_ranking(model: ELMM, ws: Workspace, queries: Queries, filters: FilterIndex, batch_size: int, *,
+                     precision: str = "fp32", desc: str = "rank", progress: bool = True,
+                     on_batch: BatchHook | None = None) -> RankingResult:
+    """Filtered ranks of every query against all entities, in chunks of `batch_size` queries.
+
+    Memory is O(batch_size x entities) whatever the number of queries: ranks are counted per
+    chunk (never sorted) and only the ranks are kept. `on_batch(queries, output, known)` sees each
+    chunk's model output and filter mask (used for the faiss recall check).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    acc = RankAccumulator()
+    image_tokens = 0
+    forward = hooks = 0.0
+    start = time.perf_counter()
+    for lo in tqdm(range(0, len(queries), batch_size), desc=desc, unit="batch", disable=not progress):
+        q = queries.subset(slice(lo, lo + batch_size))
+        batch = make_batch(ws, q)
+        synchronize(device)
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            out = forward_batch(model, batch)
+        synchronize(device)
+        forward += time.perf_counter() - t0
+        known = filters.mask(q.anchors, q.relations, q.directions).to(device)
+        ranks = compute_ranks(out.scores.float(), q.targets.to(device), known)
+        acc.add({k: v.cpu() for k, v in ranks.items()}, q.directions, q.relations)
+        if on_batch is not None:
+            t0 = time.perf_counter()
+            on_batch(q, out, known)
+            hooks += time.perf_counter() - t0
+        image_tokens = out.image_tokens
+    seconds = time.perf_counter() - start - hooks
+    metrics = acc.metrics(relation_names=ws.kg.relations["name"].tolist())
+    return RankingResult(metrics, len(queries), seconds, image_tokens, forward)
