@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import re
 import struct
 import tarfile
@@ -25,7 +26,7 @@ from PIL import Image
 from elmm.config import ParamsError, from_dict
 from elmm.kg.archive import UnsafeArchiveError, safe_extract
 from elmm.kg.download import ChecksumError, DownloadError, cache_name, fetch
-from elmm.kg.format import SPLITS, coverage, load_kg, write_kg
+from elmm.kg.format import SPLITS, ImageWriter, coverage, load_kg, write_kg
 from elmm.kg.ingest import ingest
 from elmm.kg.mkgformer import LayoutError
 
@@ -222,7 +223,7 @@ def test_fb15k_round_trip_over_http(server, tmp_path: Path) -> None:
     for split, rows in (("train", FB_TRAIN), ("valid", FB_DEV), ("test", FB_TEST)):
         np.testing.assert_array_equal(kg.triples[split], [[e[h], r[rel], e[t]] for h, rel, t in rows])
     assert kg.entities["num_images"].tolist() == [2, 1, 0, 10, 0]
-    assert [p.read_bytes() for p in kg.image_paths(0)] == [files["FB15k-images/m.a0/0.jpg"],
+    assert kg.image_bytes(0) == [files["FB15k-images/m.a0/0.jpg"],
                                                            files["FB15k-images/m.a0/1.jpg"]]
     report = coverage(kg)
     assert report["entities"] == report["candidates"] == 5 and report["relations"] == 2
@@ -248,28 +249,50 @@ def test_wn18_round_trip_two_archives_with_checksums(server, tmp_path: Path) -> 
     assert kg.entities["description"].iloc[3] == "a living thing, not a plant"
     assert kg.entities["num_images"].tolist() == [2, 0, 1, 0]
     assert coverage(kg)["triples"] == {"train": 4, "valid": 1, "test": 1}
-    assert kg.image_paths(2)[0].read_bytes() == WN_IMAGES["wn18-images/n00003/a.jpg"]
+    assert kg.image_bytes(2)[0] == WN_IMAGES["wn18-images/n00003/a.jpg"]
 
 
-@pytest.mark.parametrize("layout", ["mkgformer", "canonical"])
+@pytest.mark.parametrize("layout", ["mkgformer", "canonical", "canonical-v1"])
 def test_custom_from_a_local_directory_is_copied_not_moved(tmp_path: Path, layout: str) -> None:
+    """Also converts a format-1 canonical KG (one file per image), what earlier versions wrote."""
     src = tmp_path / "mine"
-    if layout == "mkgformer":
+    if layout == "canonical-v1":
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = ImageWriter(src)
+        writer.add(1, 0, jpeg(5))
+        writer.add(1, 1, jpeg(6))
+        write_kg(src, pd.DataFrame({"id": ["x", "y"], "name": ["X", "Y"], "description": ["", "why"]}),
+                 pd.DataFrame({"id": ["r"], "name": ["rel"], "modality": ["text"]}),
+                 {"train": np.array([[0, 0, 1]]), "valid": np.array([[1, 0, 0]]), "test": np.array([[0, 0, 0]])},
+                 writer.close(), {"source": "mine"})
+        (src / "images-00000.parquet").unlink()  # format 1 kept one file per image instead
+        write_tree(src, {"images/000001/00.jpg": jpeg(5), "images/000001/01.jpg": jpeg(6)})
+        pq.write_table(pa.table({"entity": pa.array([1, 1], pa.int32()), "slot": pa.array([0, 1], pa.int16()),
+                                 "path": ["images/000001/00.jpg", "images/000001/01.jpg"]}), src / "images.parquet")
+        meta = json.loads((src / "meta.json").read_text())
+        (src / "meta.json").write_text(json.dumps({**meta, "format_version": 1, "image_parts": []}))
+    elif layout == "mkgformer":
         write_tree(src, fb_layout(prefix=""))
     else:
         import pandas as pd
 
-        write_tree(src, {"images/a.jpg": jpeg(5), "images/b.jpg": jpeg(6)})
+        writer = ImageWriter(src)
+        writer.add(1, 0, jpeg(5))
+        writer.add(1, 1, jpeg(6))
         write_kg(src, pd.DataFrame({"id": ["x", "y"], "name": ["X", "Y"], "description": ["", "why"]}),
                  pd.DataFrame({"id": ["r"], "name": ["rel"], "modality": ["text"]}),
                  {"train": np.array([[0, 0, 1]]), "valid": np.array([[1, 0, 0]]), "test": np.array([[0, 0, 0]])},
-                 pd.DataFrame({"entity": [1, 1], "slot": [0, 1], "path": ["images/a.jpg", "images/b.jpg"]}),
-                 {"source": "mine"})
+                 writer.close(), {"source": "mine"})
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
     run_ingest(tmp_path, "custom", [src.as_uri()])
     kg = load_kg(tmp_path / "kg")
-    assert kg.meta["layout"] == layout and kg.meta["source"] == "custom"
+    assert kg.meta["layout"] == layout.removesuffix("-v1") and kg.meta["source"] == "custom"
     assert sum(kg.entities["num_images"]) == (13 if layout == "mkgformer" else 2)
+    if layout != "mkgformer":
+        assert kg.image_bytes(1) == [jpeg(5), jpeg(6)]
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # the user's directory is untouched
 
 

@@ -25,7 +25,7 @@ STAGES = ["download", "encode", "similarity", "calibrate", "train", "evaluate"]
 
 MICRO = {
     "data": {"synthetic": {"entities": 24, "images_per_entity": 3, "image_size": 16, "corrupt_images": 1,
-                           "communities": 3, "knows_per_entity": 2}},
+                           "communities": 3, "teams": 3}},
     "model": {"tiny": {"vocab_size": 300, "hidden": 32, "layers": 4, "heads": 2, "intermediate": 64,
                        "vision_hidden": 16, "vision_layers": 1, "vision_heads": 2, "image_size": 16, "patch_size": 8},
               "mvtc": {"heads": 2}},

@@ -90,7 +90,7 @@ def test_names_ids_and_indices_give_the_same_query(project, micro_env, capsys) -
 def test_table_output_and_errors(project, capsys) -> None:
     assert main(["--head", "0", "--relation", "0", "-k", "2", "--root", str(project)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "top 2 of 39 entities" in out[0] and out[1].split()[:3] == ["rank", "score", "p"] and len(out) == 4
+    assert "top 2 of 54 entities" in out[0] and out[1].split()[:3] == ["rank", "score", "p"] and len(out) == 4
     assert main(["--head", "Nobody At All", "--relation", "0", "--root", str(project)]) == 2
     assert "unknown entity 'Nobody At All'" in capsys.readouterr().err
     assert main(["--head", "0", "--relation", "has colur", "--root", str(project)]) == 2

@@ -23,7 +23,7 @@ def test_ranking_does_not_depend_on_the_query_batch_size(micro_workspace) -> Non
     results = [evaluate_ranking(model, micro_workspace, queries, filters, b, progress=False).metrics
                for b in (1, 5, len(queries))]
     assert results[0] == results[1] == results[2]
-    assert results[0]["count"] == len(queries) == 22
+    assert results[0]["count"] == len(queries) == 40
 
 
 @pytest.mark.parametrize("head", ["completion", "lm_head"])

@@ -3,6 +3,7 @@ corrupt / missing images and pooling, on the micro backbone and tiny synthetic K
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -20,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
+from elmm.image_tokens import ImageTokens
 from elmm.kg.format import load_kg
 from elmm.vision import (
     MANIFEST,
-    ImageTokens,
     encode_kg_images,
     finalize_encoding,
     pooled_tokens,
@@ -81,16 +82,16 @@ def test_shards_match_direct_vision_tower_outputs(micro_env, micro_backbone) -> 
     the shard metadata describes them."""
     kg = load_kg(micro_env.kg_dir)
     tokens = ImageTokens(micro_env.encoded_dir, kg.num_entities)
-    bad = set(kg.meta["corrupt_image_paths"])
+    bad = set(kg.meta["corrupt_image_slots"])
     checked = 0
     for entity in range(kg.num_entities):
-        readable = [p for p in kg.image_paths(entity) if p.relative_to(kg.root).as_posix() not in bad]
+        readable = [data for s, data in enumerate(kg.image_bytes(entity)) if f"{entity}/{s}" not in bad]
         if not readable or checked >= 6:
             continue
         patches, cls, mask = tokens.get(torch.tensor([entity]))
         assert int(mask.sum()) == len(readable)
-        for j, path in enumerate(readable[:2]):
-            with Image.open(path) as im:
+        for j, data in enumerate(readable[:2]):
+            with Image.open(io.BytesIO(data)) as im:
                 pixels = micro_backbone.image_processor(images=im.convert("RGB"), return_tensors="pt")["pixel_values"]
             want_cls, want_patches = micro_backbone.vision_features(pixels, -2)
             torch.testing.assert_close(patches[0, j].float(), want_patches[0], atol=2e-3, rtol=2e-3)
@@ -125,14 +126,14 @@ def test_reader_memory_maps_and_matches_a_full_load(micro_env, reference) -> Non
 def test_corrupt_images_are_skipped_and_entities_without_images_are_masked(micro_env, reference) -> None:
     kg = load_kg(micro_env.kg_dir)
     manifest = finalize_encoding(reference)
-    corrupt = kg.meta["corrupt_image_paths"]
+    corrupt = kg.meta["corrupt_image_slots"]
     assert len(corrupt) >= 1 and len(manifest["skipped"]) == len(corrupt)
     assert manifest["rows"] == len(kg.images) - len(corrupt)
     tokens = ImageTokens(reference, kg.num_entities)
     counts = kg.entities["num_images"].to_numpy()
-    for path in corrupt:  # one fewer readable image, packed into the first slots
-        e = int(Path(path).parent.name)
-        assert Path(path).name in " ".join(manifest["skipped"])
+    for where in corrupt:  # one fewer readable image, packed into the first slots
+        e, slot = map(int, where.split("/"))
+        assert f"entity {e} slot {slot}:" in " ".join(manifest["skipped"])
         assert tokens.mask[e].tolist() == [True] * (counts[e] - 1) + [False] * (tokens.num_images - counts[e] + 1)
     empty = np.flatnonzero(counts == 0)
     assert len(empty) > 0

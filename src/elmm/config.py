@@ -29,8 +29,13 @@ class SyntheticParams:
     fewer_images: float = 0.1
     no_images: float = 0.03
     corrupt_images: int = 3
+    distractor_images: float = 0.3
+    colour_in_text: float = 0.3
     communities: int = 12
-    knows_per_entity: int = 3
+    teams: int = 20
+    knows_degree: float = 5.0
+    works_with_degree: float = 4.0
+    rival_degree: float = 2.0
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
 
@@ -231,15 +236,16 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     that have it pass it so `prune.k` is checked against the real model.
     """
     s = p.data.synthetic
-    for key in ("entities", "images_per_entity", "image_size", "communities"):
+    for key in ("entities", "images_per_entity", "image_size", "communities", "teams"):
         _require(getattr(s, key) >= 1, f"data.synthetic.{key}", "must be at least 1")
     _require(s.entities >= 10, "data.synthetic.entities", "must be at least 10")
-    for key in ("fewer_images", "no_images", "valid_fraction", "test_fraction"):
+    for key in ("fewer_images", "no_images", "distractor_images", "colour_in_text", "valid_fraction", "test_fraction"):
         _check_fraction(getattr(s, key), f"data.synthetic.{key}")
     _require(s.valid_fraction + s.test_fraction < 0.9, "data.synthetic.valid_fraction",
              "valid_fraction + test_fraction must leave at least 10% for training")
     _require(s.corrupt_images >= 0, "data.synthetic.corrupt_images", "must be >= 0")
-    _require(s.knows_per_entity >= 0, "data.synthetic.knows_per_entity", "must be >= 0")
+    for key in ("knows_degree", "works_with_degree", "rival_degree"):
+        _require(getattr(s, key) >= 0, f"data.synthetic.{key}", "must be >= 0 (0: no such edges)")
     if p.data.sha256:
         _require(len(p.data.sha256) == len(p.data.url), "data.sha256", "give one checksum per data.url entry")
     for i, digest in enumerate(p.data.sha256):

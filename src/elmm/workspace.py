@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from .backbone import Backbone, load_backbone
 from .config import Params
+from .image_tokens import ImageTokens
 from .kg.format import KnowledgeGraph, load_kg
 from .prompt import PromptBuilder
-from .vision import ImageTokens
 
 
 @dataclass

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP
 
 @dataclass(frozen=True)
 class ImageCheck:
-    path: Path
+    path: Path | Callable[[], bytes]
     ok: bool
     ext: str  # canonical extension for an accepted image (".jpg"), "" otherwise
     reason: str  # why it was skipped, "" when ok
@@ -38,9 +39,9 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
-def _check(path: Path, max_pixels: int) -> ImageCheck:
+def _check(path: Path | Callable[[], bytes], max_pixels: int) -> ImageCheck:
     try:
-        with Image.open(path) as im:
+        with Image.open(path if isinstance(path, Path) else io.BytesIO(path())) as im:
             # Image.open reads only the header; refuse large images before decoding a pixel.
             if im.width * im.height > max_pixels:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels exceeds the limit of {max_pixels}")
@@ -49,15 +50,18 @@ def _check(path: Path, max_pixels: int) -> ImageCheck:
             # garbled file still fails, at a fraction of the cost of a full decode.
             im.draft("RGB", (64, 64))
             im.load()
-        return ImageCheck(path, True, EXTENSIONS.get(fmt, path.suffix.lower() or ".img"), "")
+        suffix = path.suffix.lower() if isinstance(path, Path) else ""
+        return ImageCheck(path, True, EXTENSIONS.get(fmt, suffix or ".img"), "")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return ImageCheck(path, False, "", f"decompression bomb ({e})")
     except Exception as e:  # any decoder failure: the image is skipped, never the stage
         return ImageCheck(path, False, "", f"cannot be decoded ({type(e).__name__}: {e})")
 
 
-def check_images(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS, *, progress: bool = True) -> list[ImageCheck]:
-    """Check every path (in threads: PIL releases the GIL while decoding); results in input order."""
+def check_images(paths: list[Path | Callable[[], bytes]], max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                 progress: bool = True) -> list[ImageCheck]:
+    """Check every image (a path, or a function returning the file's bytes), in threads (PIL releases
+    the GIL while decoding); results in input order."""
     if not paths:
         return []
     with _pixel_limit(max_pixels), ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:

@@ -8,6 +8,7 @@ the KG directory atomically: it appears only when everything succeeded.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ import pandas as pd
 from elmm.io import atomic_dir
 from elmm.kg.archive import safe_extract
 from elmm.kg.download import fetch, is_remote, local_path, verify_sha256
-from elmm.kg.format import SPLITS, load_kg, write_kg
+from elmm.kg.format import SPLITS, ImageReader, ImageWriter, load_kg_tables, write_kg
 from elmm.kg.images import DEFAULT_MAX_PIXELS, check_images
 from elmm.kg.mkgformer import (
     IMAGE_DIRS,
@@ -86,50 +87,52 @@ def _root_of(path: Path, roots: list[_Root]) -> _Root:
     return next(r for r in roots if path.is_relative_to(r.path))
 
 
-def _place(src: Path, dest: Path, move: bool) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if move:
-        shutil.move(src, dest)  # a rename when on the same filesystem (the usual case)
-    else:
-        shutil.copyfile(src, dest)  # never alter a user's directory
-
-
-def _write_images(tmp: Path, per_entity: list[list[Path]], roots: list[_Root], max_pixels: int,
+def _write_images(tmp: Path, per_entity: list[list], labels: list[list[str]], max_pixels: int,
                   progress: bool) -> tuple[pd.DataFrame, list[str]]:
-    """Check, then copy/move the images into tmp/images/<entity>/<slot><ext>; returns the table and the skipped."""
-    flat = [(e, p) for e, paths in enumerate(per_entity) for p in paths]
-    checks = check_images([p for _, p in flat], max_pixels, progress=progress)
-    rows: list[tuple[int, int, str]] = []
+    """Check every image, then stream the readable ones into tmp's image parts (slots stay dense).
+
+    `per_entity[e]` lists entity e's images as paths or functions returning the bytes, `labels`
+    how messages name them. Returns the image index and the skipped images with their reasons.
+    """
+    flat = [(e, src, label) for e, (srcs, names) in enumerate(zip(per_entity, labels)) for src, label in zip(srcs, names)]
+    checks = check_images([src for _, src, _ in flat], max_pixels, progress=progress)
     skipped: list[str] = []
     next_slot: dict[int, int] = {}
-    placed: dict[Path, Path] = {}
-    for (e, src), chk in zip(flat, checks):
-        root = _root_of(src, roots)
+    writer = ImageWriter(tmp)
+    for (e, src, label), chk in zip(flat, checks):
         if not chk.ok:
-            skipped.append(f"{src.relative_to(root.path).as_posix()}: {chk.reason}")
+            skipped.append(f"{label}: {chk.reason}")
             continue
         slot = next_slot.get(e, 0)
         next_slot[e] = slot + 1
-        rel = f"images/{e:06d}/{slot:02d}{chk.ext}"
-        if src in placed:  # one folder shared by two entity ids: the first copy was moved already
-            _place(placed[src], tmp / rel, move=False)
-        else:
-            _place(src, tmp / rel, move=root.owned)
-            placed[src] = tmp / rel
-        rows.append((e, slot, rel))
-    # Explicit dtypes: a KG without a single readable image is valid, and its empty table must still be typed.
-    images = pd.DataFrame({
-        "entity": np.array([r[0] for r in rows], dtype=np.int32),
-        "slot": np.array([r[1] for r in rows], dtype=np.int16),
-        "path": pd.Series([r[2] for r in rows], dtype=object),
-    })  # fmt: skip
-    return images, skipped
+        writer.add(e, slot, src.read_bytes() if isinstance(src, Path) else src())
+    return writer.close(), skipped
+
+
+def _canonical_images(src_dir: Path, kg_meta: dict, images: pd.DataFrame, num_entities: int) -> tuple[list, list]:
+    """Per entity, its images in a canonical KG used as input: format 2 (bytes in Parquet parts) or
+    format 1 (one file per image, `path` column), the format earlier versions wrote."""
+    per_entity: list[list] = [[] for _ in range(num_entities)]
+    labels: list[list[str]] = [[] for _ in range(num_entities)]
+    if kg_meta.get("format_version") == 1:
+        for e, rel in zip(images["entity"].tolist(), images["path"].tolist()):
+            path = (src_dir / rel).resolve()
+            if not path.is_relative_to(src_dir.resolve()):
+                raise ValueError(f"{src_dir / 'images.parquet'}: path {rel!r} leaves the KG directory")
+            per_entity[e].append(path)
+            labels[e].append(rel)
+    else:
+        reader = ImageReader(src_dir, images)
+        for i, (e, slot) in enumerate(zip(images["entity"].tolist(), images["slot"].tolist())):
+            per_entity[e].append(functools.partial(reader.read, i))
+            labels[e].append(f"entity {e} slot {slot}")
+    return per_entity, labels
 
 
 def _from_canonical(src_dir: Path, tmp: Path, roots: list[_Root], max_pixels: int, progress: bool):
-    kg = load_kg(src_dir)  # validates the tables; its duplicates/unknowns are errors there
-    per_entity = [kg.image_paths(e) for e in range(kg.num_entities)]
-    images, skipped = _write_images(tmp, per_entity, roots, max_pixels, progress)
+    kg = load_kg_tables(src_dir)  # validates the tables; its duplicates/unknowns are errors there
+    per_entity, labels = _canonical_images(src_dir, kg.meta, kg.images, kg.num_entities)
+    images, skipped = _write_images(tmp, per_entity, labels, max_pixels, progress)
     entities = kg.entities[["id", "name", "description"]].reset_index(drop=True)
     relations = kg.relations[["id", "name", "modality"]].reset_index(drop=True)
     zeros = {s: 0 for s in SPLITS}
@@ -146,7 +149,8 @@ def _from_mkgformer(text_dir: Path, source: str, tmp: Path, roots: list[_Root], 
         names = " or ".join(IMAGE_DIRS[source])
         warnings.append(f"no image folder ({names}) found: every entity has 0 images")
     per_entity = entity_images(image_dir, parsed.entities["id"].tolist())
-    images, skipped = _write_images(tmp, per_entity, roots, max_pixels, progress)
+    labels = [[p.relative_to(_root_of(p, roots).path).as_posix() for p in paths] for paths in per_entity]
+    images, skipped = _write_images(tmp, per_entity, labels, max_pixels, progress)
     extra = {"layout": "mkgformer", "image_folder": image_dir.name if image_dir else None}
     return (parsed.entities, parsed.relations, parsed.triples, images, skipped, parsed.dropped_unknown,
             parsed.duplicates, parsed.entities_without_text, warnings, extra)

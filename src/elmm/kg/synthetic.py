@@ -1,15 +1,36 @@
-"""A small deterministic multimodal KG whose facts are each visible through exactly one view.
+"""The synthetic multimodal world: a KG whose facts each need one kind of evidence.
 
-Object entities have latent attributes drawn independently and uniformly:
+Object entities have latent attributes, drawn independently and uniformly:
 
-- colour, shape  -> shown only in the images (names/descriptions never mention them)
-- category       -> stated only in the description
-- community      -> shown nowhere but the `knows` edges of the graph
+- image attributes, shown in the images only: the object's `colour` and `shape`, and the colour
+  of a small `mark` in the image's top-left corner (a different region than the object, so a
+  compressor that pools the wrong tokens loses it); two more attributes with no relation (the
+  `backdrop` tint and the object's size) compete for the compressed tokens;
+- text attributes, stated in the description only, at random positions among filler clauses:
+  `category`, `region` and `material`;
+- structure, shown nowhere but the graph: a `community` and a `team` (two independent partitions).
 
-So `has_colour`/`has_shape`/`looks_like` need the image view, `in_category` needs the text
-view and `knows` needs the structure; ablating a view should hurt exactly its relations.
-Concept entities ("colour red", "shape circle", "category city") have text and no images.
-The latent attributes go to `latent.parquet` for analysis, never into meta.json.
+Relations (object -> concept for attributes; object -> object for structure):
+
+| relation | modality | rule |
+|---|---|---|
+| has colour / has shape / has mark | image | the object's colour / shape / mark concept |
+| belongs to category / comes from / made of | text | the object's category / region / material concept |
+| knows | structure | 1 + Poisson(knows_degree - 1) random members of its own community |
+| works with | structure | 1 + Poisson(works_with_degree - 1) random members of its team |
+| rival of | structure | 1 + Poisson(rival_degree - 1) random members of the next community (c + 1 mod C) |
+
+Out-degrees are random (no object's degree is known from its count of train edges), no relation
+is symmetric by construction (a reverse edge occurs only by chance; its rate is reported), and no
+relation depends on another modality's attribute, with one documented exception: a fraction
+`colour_in_text` of objects also name their colour in the description ("painted red"), the one
+attribute both modalities show (for cross-modal alignment).
+
+A fraction `distractor_images` of each object's images shows another, random object (clutter,
+as in web-crawled image sets). Concept entities ("colour red", "region coast") have text and no
+images. The latent attributes go to `latent.parquet` for analysis and the Bayes ceilings, never
+into meta.json or any model input. Everything is deterministic in `seed`; images are drawn from
+per-entity streams, so one entity's pictures do not depend on another's.
 """
 
 from __future__ import annotations
@@ -17,6 +38,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +48,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from elmm.io import atomic_dir
-from elmm.kg.format import SPLITS, write_kg, write_parquet
+from elmm.kg.format import SPLITS, ImageWriter, write_kg, write_parquet
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -37,30 +59,53 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (30, 225, 230),
 }
 SHAPES = ("circle", "square", "triangle", "cross", "star")
+MARKS: dict[str, tuple[int, int, int]] = {  # corner-mark colours, apart from the object colours
+    "white": (245, 245, 245),
+    "orange": (255, 140, 0),
+    "purple": (120, 40, 190),
+    "pink": (255, 160, 200),
+}
+BACKDROPS: dict[str, tuple[int, int, int]] = {  # background tints (no relation asks for them)
+    "grey": (60, 60, 60),
+    "navy": (20, 25, 70),
+    "olive": (60, 60, 20),
+    "maroon": (70, 20, 25),
+}
 CATEGORIES = ("musician", "river", "city", "painter", "mountain", "company", "novel", "athlete")
+REGIONS = ("highlands", "lowlands", "coast", "desert", "forest", "tundra")
+MATERIALS = ("wood", "stone", "glass", "iron", "clay")
 
 # (id, human-readable name, modality) in relation-index order.
 RELATIONS = (
     ("has_colour", "has colour", "image"),
     ("has_shape", "has shape", "image"),
-    ("looks_like", "looks like", "image"),
+    ("has_mark", "has mark", "image"),
     ("in_category", "belongs to category", "text"),
+    ("from_region", "comes from", "text"),
+    ("made_of", "made of", "text"),
     ("knows", "knows", "structure"),
+    ("works_with", "works with", "structure"),
+    ("rival_of", "rival of", "structure"),
 )
+# relation id -> the latent attribute it reads and the concept kind it points to
+ATTRIBUTE_RELATIONS = {"has_colour": "colour", "has_shape": "shape", "has_mark": "mark",
+                       "in_category": "category", "from_region": "region", "made_of": "material"}
+CONCEPTS = {"colour": tuple(COLOURS), "shape": SHAPES, "mark": tuple(MARKS), "category": CATEGORIES,
+            "region": REGIONS, "material": MATERIALS}
+CONCEPT_TEXT = {"colour": "The colour {v}, as seen in pictures.", "shape": "The shape {v}, as seen in pictures.",
+                "mark": "A corner mark of the colour {v}.", "category": "The category of things of the kind {v}.",
+                "region": "The region called {v}.", "material": "The material {v}."}
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh", "dr", "kr")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
 _CODAS = ("", "", "", "n", "l", "m", "r", "s", "k")
-# Filler vocabulary for descriptions: drawn independently of every attribute, so the category
-# word is the only signal in an object's text. None of these is a colour/shape/category word.
-_REGIONS = ("northern", "southern", "eastern", "western", "coastal", "central", "highland", "lowland")
-_PLACES = ("region", "valley", "province", "district", "borderlands", "islands")
-_VERBS = ("known", "remembered", "admired", "discussed", "recorded")
+# Filler clauses: drawn independently of every attribute.
 _SOURCES = ("old chronicles", "local archives", "travel journals", "a recent survey", "folk tales")
 _ERAS = ("early", "middle", "late", "modern")
+_VERBS = ("known", "remembered", "admired", "discussed", "recorded")
 
-# Words that must never appear (even as substrings) in an object's name or description.
-_FORBIDDEN = tuple(COLOURS) + SHAPES + CATEGORIES
+# Words that must never appear (even as substrings) in a name: a subword tokenizer would leak them.
+_FORBIDDEN = tuple(COLOURS) + SHAPES + tuple(MARKS) + tuple(BACKDROPS) + CATEGORIES + REGIONS + MATERIALS
 
 
 def _make_name(rng: random.Random) -> str:
@@ -71,13 +116,13 @@ def _make_name(rng: random.Random) -> str:
     return f"{word().capitalize()} {word().capitalize()}"
 
 
-def _unique_names(n: int, rng: random.Random) -> list[str]:
+def unique_names(n: int, rng: random.Random, taken: set[str] = frozenset()) -> list[str]:
+    """`n` distinct random names, none containing an attribute word or one of `taken` (lower case)."""
     names: list[str] = []
-    seen: set[str] = set()
+    seen = set(taken)
     while len(names) < n:
         name = _make_name(rng)
         low = name.lower()
-        # Substring test: a name like "Tured" would leak the token "red" to a subword tokenizer.
         if low in seen or any(w in low for w in _FORBIDDEN):
             continue
         seen.add(low)
@@ -85,17 +130,40 @@ def _unique_names(n: int, rng: random.Random) -> list[str]:
     return names
 
 
-def _describe(name: str, category: str, rng: random.Random) -> str:
-    article = "an" if category[0] in "aeiou" else "a"
-    text = f"{name} is {article} {category} {rng.choice(_VERBS)} in the {rng.choice(_REGIONS)} {rng.choice(_PLACES)}."
-    if rng.random() < 0.5:
-        text += f" It appears in {rng.choice(_SOURCES)} from the {rng.choice(_ERAS)} era."
-    return text
+def describe(facts: dict[str, str], rng: random.Random) -> str:
+    """A description: one clause per fact, plus two filler clauses, in random order."""
+    templates = {"category": "is a {}", "region": "from the {}", "material": "made of {}", "colour": "painted {}"}
+    clauses = [templates[k].format(v) for k, v in facts.items()]
+    clauses += [f"seen in {rng.choice(_SOURCES)}", f"{rng.choice(_VERBS)} in the {rng.choice(_ERAS)} era"]
+    rng.shuffle(clauses)
+    return " ; ".join(clauses)
 
 
 # ----------------------------------------------------------------------------- images
 
 _SUPERSAMPLE = 4  # draw large and downsample, so edges are anti-aliased at 32 px
+
+
+@dataclass(frozen=True)
+class Look:
+    """What one picture shows."""
+
+    colour: str
+    shape: str
+    mark: str
+    backdrop: str
+    size: float  # object diameter as a fraction of the free area (0.45 .. 0.9)
+
+
+def random_look(rng: np.random.Generator) -> Look:
+    return Look(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(list(MARKS))),
+                str(rng.choice(list(BACKDROPS))), float(rng.uniform(0.45, 0.9)))
+
+
+def caption(look: Look) -> str:
+    """The text a captioning model should produce for `look` (pretraining)."""
+    size = "small" if look.size < 0.65 else "large"
+    return f"a {size} {look.colour} {look.shape} with a {look.mark} mark on {look.backdrop}"
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -120,22 +188,36 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
-def _render(colour: str, shape: str, size: int, rng: np.random.Generator) -> bytes:
-    """One JPEG of the shape filled with the colour, with random placement, scale, rotation, noise."""
+def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, ...]:
+    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
+
+
+def render(look: Look, size: int, rng: np.random.Generator) -> bytes:
+    """One JPEG: the backdrop, a mark in the top-left quarter-of-a-quarter, and the object in the rest.
+
+    The mark fills most of the top-left cell of a 4 x 4 grid (one patch of the tiny tower's 8 px
+    patches at 32 px); the object stays out of that cell, at a random place, scale and rotation.
+    """
     big = size * _SUPERSAMPLE
-    bg = int(rng.integers(10, 100))  # dark/grey: every fill colour stays clearly brighter
-    img = Image.new("RGB", (big, big), (bg, bg, bg))
+    cell = big / 4
+    img = Image.new("RGB", (big, big), _jitter(BACKDROPS[look.backdrop], rng, 12))
     draw = ImageDraw.Draw(img)
-    r = big * float(rng.uniform(0.4, 0.8)) / 2
-    cx, cy = rng.uniform(r, big - r, size=2)
-    fill = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
-    if shape == "circle":
+    inset = cell * 0.15
+    draw.rectangle((inset, inset, cell - inset, cell - inset), fill=_jitter(MARKS[look.mark], rng, 10))
+    # The object lives in the region right of / below the mark cell.
+    r = cell * 3 * look.size / 2
+    while True:
+        cx, cy = rng.uniform(r, big - r, size=2)
+        if cx - r >= cell or cy - r >= cell:  # its bounding box misses the mark cell
+            break
+    fill = _jitter(COLOURS[look.colour], rng, 15)
+    if look.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
-        draw.polygon(_shape_points(shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi))), fill=fill)
+        draw.polygon(_shape_points(look.shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi))), fill=fill)
     img = img.resize((size, size), Image.Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.float32)
-    arr += rng.normal(0.0, float(rng.uniform(2.0, 8.0)), size=arr.shape)
+    arr += rng.normal(0.0, float(rng.uniform(2.0, 6.0)), size=arr.shape)
     buf = io.BytesIO()
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -206,6 +288,32 @@ def _split(
     return {"train": train, "valid": kept["valid"], "test": kept["test"]}
 
 
+def _draw_edges(rng: np.random.Generator, pools: list[np.ndarray], owner: np.ndarray, mean_degree: float) -> list[tuple]:
+    """Each object i picks 1 + Poisson(mean_degree - 1) distinct targets from pools[owner[i]] minus itself."""
+    edges = []
+    for i, group in enumerate(owner.tolist()):
+        pool = pools[group][pools[group] != i]
+        if not len(pool) or mean_degree <= 0:
+            continue
+        k = min(len(pool), 1 + int(rng.poisson(max(0.0, mean_degree - 1))))
+        edges += [(i, int(j)) for j in rng.choice(pool, size=k, replace=False)]
+    return edges
+
+
+def structure_stats(triples: dict[str, np.ndarray], objects: int, relation_names: list[str]) -> dict:
+    """Density and inverse-leak figures of a generated KG (metrics/data.json)."""
+    train = triples["train"]
+    per_object = np.bincount(train[:, [0, 2]].ravel(), minlength=objects)[:objects]
+    known = {tuple(t) for t in train.tolist()}
+    leak = {}
+    for r, name in enumerate(relation_names):
+        test = triples["test"][triples["test"][:, 1] == r]
+        if len(test):
+            leak[name] = round(float(np.mean([(t, r, h) in known for h, _, t in test.tolist()])), 4)
+    return {"train_triples_per_object": {"mean": round(float(per_object.mean()), 2), "min": int(per_object.min())},
+            "test_queries": int(2 * len(triples["test"])), "inverse_leak_rate": leak}
+
+
 # ----------------------------------------------------------------------------- generator
 
 
@@ -219,47 +327,49 @@ def generate_synthetic(
     fewer_images: float = 0.1,
     no_images: float = 0.03,
     corrupt_images: int = 3,
+    distractor_images: float = 0.3,
+    colour_in_text: float = 0.3,
     communities: int = 12,
-    knows_per_entity: int = 3,
+    teams: int = 20,
+    knows_degree: float = 5.0,
+    works_with_degree: float = 4.0,
+    rival_degree: float = 2.0,
     valid_fraction: float = 0.1,
     test_fraction: float = 0.1,
     progress: bool = True,
 ) -> dict:
-    """Write the synthetic world to `out_dir` in the canonical format; return a summary of counts."""
+    """Write the synthetic world to `out_dir` (atomically) in the canonical format; return a summary."""
     params = dict(
         seed=seed, entities=entities, images_per_entity=images_per_entity, image_size=image_size,
         fewer_images=fewer_images, no_images=no_images, corrupt_images=corrupt_images,
-        communities=communities, knows_per_entity=knows_per_entity,
+        distractor_images=distractor_images, colour_in_text=colour_in_text, communities=communities, teams=teams,
+        knows_degree=knows_degree, works_with_degree=works_with_degree, rival_degree=rival_degree,
         valid_fraction=valid_fraction, test_fraction=test_fraction,
     )  # fmt: skip
-    if entities < 2 or images_per_entity < 1 or communities < 1 or image_size < 8:
+    if entities < 2 or images_per_entity < 1 or communities < 1 or teams < 1 or image_size < 8:
         raise ValueError(f"synthetic: impossible parameters {params}")
-    out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     text_rng = random.Random(seed)
     n = entities
 
-    # Latent attributes, independent and uniform.
-    colour = rng.integers(0, len(COLOURS), n)
-    shape = rng.integers(0, len(SHAPES), n)
-    category = rng.integers(0, len(CATEGORIES), n)
-    community = rng.integers(0, communities, n)
-    colour_names = list(COLOURS)
+    latent = {kind: rng.integers(0, len(values), n) for kind, values in CONCEPTS.items()}
+    latent["community"] = rng.integers(0, communities, n)
+    latent["team"] = rng.integers(0, teams, n)
+    named_colour = rng.random(n) < colour_in_text
 
-    # Entities: objects first, then one concept per colour, shape and category.
-    names = _unique_names(n, text_rng)
-    rows = [
-        (f"obj:{i:06d}", names[i], _describe(names[i], CATEGORIES[category[i]], text_rng)) for i in range(n)
-    ]
+    # Entities: objects first, then one concept per attribute value.
+    names = unique_names(n, text_rng)
+    rows = []
+    for i in range(n):
+        facts = {k: CONCEPTS[k][latent[k][i]] for k in ("category", "region", "material")}
+        if named_colour[i]:
+            facts["colour"] = CONCEPTS["colour"][latent["colour"][i]]
+        rows.append((f"obj:{i:06d}", names[i], describe(facts, text_rng)))
     concept_index: dict[str, int] = {}
-    for kind, values, desc in (
-        ("colour", colour_names, "The colour {v}, as seen in pictures."),
-        ("shape", SHAPES, "The shape {v}, as seen in pictures."),
-        ("category", CATEGORIES, "The category of things that are of the kind {v}."),
-    ):
+    for kind, values in CONCEPTS.items():
         for v in values:
             concept_index[f"{kind}:{v}"] = n + len(concept_index)
-            rows.append((f"{kind}:{v}", f"{kind} {v}", desc.format(v=v)))
+            rows.append((f"{kind}:{v}", f"{kind} {v}", CONCEPT_TEXT[kind].format(v=v)))
     num_entities = len(rows)
 
     # How many images each object keeps.
@@ -268,7 +378,7 @@ def generate_synthetic(
     if n_none + n_fewer > n:
         raise ValueError(f"synthetic: no_images + fewer_images covers more than all {n} entities")
     order = rng.permutation(n)
-    counts = np.full(num_entities, 0, dtype=np.int64)
+    counts = np.zeros(num_entities, dtype=np.int64)
     counts[:n] = images_per_entity
     counts[order[:n_none]] = 0
     if n_fewer:
@@ -282,83 +392,76 @@ def generate_synthetic(
     corrupt_ent = np.sort(rng.choice(eligible, size=corrupt_images, replace=False))
     corrupt = {int(e): int(rng.integers(0, counts[e])) for e in corrupt_ent}
 
-    # Images: each entity has its own generator so one entity's pictures do not depend on others.
-    img_rows: list[tuple[int, int, str]] = []
-    corrupt_paths: list[str] = []
-    images_dir = out_dir / "images"
-    with atomic_dir(images_dir) as tmp_images:  # replaces any stale images of an earlier run
-        for e in tqdm(range(n), desc="synthetic images", unit="entity", disable=not progress):
-            if counts[e] == 0:
-                continue
-            erng = np.random.default_rng([seed, 1, e])
-            (tmp_images / f"{e:06d}").mkdir()
-            for s in range(int(counts[e])):
-                rel = f"images/{e:06d}/{s:02d}.jpg"
-                data = _render(colour_names[colour[e]], SHAPES[shape[e]], image_size, erng)
-                if corrupt.get(e) == s:
-                    data = _garbage(erng)
-                    corrupt_paths.append(rel)
-                (tmp_images / f"{e:06d}" / f"{s:02d}.jpg").write_bytes(data)
-                img_rows.append((e, s, rel))
-
     # Triples.
-    triples: list[tuple[int, int, int]] = []
     rel_idx = {rid: i for i, (rid, _, _) in enumerate(RELATIONS)}
-    groups: dict[tuple[int, int], list[int]] = {}
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault((int(colour[i]), int(shape[i])), []).append(i)
-        members.setdefault(int(community[i]), []).append(i)
-    for i in range(n):
-        triples.append((i, rel_idx["has_colour"], concept_index[f"colour:{colour_names[colour[i]]}"]))
-        triples.append((i, rel_idx["has_shape"], concept_index[f"shape:{SHAPES[shape[i]]}"]))
-        triples.append((i, rel_idx["in_category"], concept_index[f"category:{CATEGORIES[category[i]]}"]))
-        same_look = [j for j in groups[(int(colour[i]), int(shape[i]))] if j != i]
-        for j in rng.choice(same_look, size=min(2, len(same_look)), replace=False) if same_look else []:
-            triples.append((i, rel_idx["looks_like"], int(j)))
-        peers = [j for j in members[int(community[i])] if j != i]
-        for j in rng.choice(peers, size=min(knows_per_entity, len(peers)), replace=False) if peers else []:
-            triples.append((i, rel_idx["knows"], int(j)))
+    triples: list[tuple[int, int, int]] = []
+    for rid, kind in ATTRIBUTE_RELATIONS.items():
+        for i in range(n):
+            triples.append((i, rel_idx[rid], concept_index[f"{kind}:{CONCEPTS[kind][latent[kind][i]]}"]))
+    members = [np.flatnonzero(latent["community"] == c) for c in range(communities)]
+    team_members = [np.flatnonzero(latent["team"] == t) for t in range(teams)]
+    rivals = (latent["community"] + 1) % communities
+    for rid, pools, owner, degree in (("knows", members, latent["community"], knows_degree),
+                                      ("works_with", team_members, latent["team"], works_with_degree),
+                                      ("rival_of", members, rivals, rival_degree)):
+        triples += [(h, rel_idx[rid], t) for h, t in _draw_edges(rng, pools, owner, degree)]
     all_triples = np.unique(np.asarray(triples, dtype=np.int64), axis=0)  # dedupe, canonical order
     splits = _split(all_triples, rng, valid_fraction, test_fraction)
 
-    entities_df = pd.DataFrame(rows, columns=["id", "name", "description"]).assign(num_images=counts.astype(np.int32))
-    relations_df = pd.DataFrame(list(RELATIONS), columns=["id", "name", "modality"])
-    images_df = pd.DataFrame(img_rows, columns=["entity", "slot", "path"])
-    summary = {
-        "entities": num_entities,
-        "object_entities": n,
-        "concept_entities": num_entities - n,
-        "relations": len(RELATIONS),
-        "triples": {s: int(len(splits[s])) for s in SPLITS},
-        "images": len(img_rows),
-        "objects_without_images": n_none,
-        "objects_with_fewer_images": n_fewer,
-        "corrupt_images": len(corrupt_paths),
-        "corrupt_image_paths": corrupt_paths,
-    }
-    n_concepts = num_entities - n
-    write_parquet(
-        out_dir / "latent.parquet",
-        {
-            "entity": np.arange(num_entities, dtype=np.int32),
-            "colour": [colour_names[c] for c in colour] + [""] * n_concepts,
-            "shape": [SHAPES[s] for s in shape] + [""] * n_concepts,
-            "category": [CATEGORIES[c] for c in category] + [""] * n_concepts,
-            "community": np.concatenate([community, np.full(n_concepts, -1)]).astype(np.int32),
-        },
-        pa.schema([
-            ("entity", pa.int32()), ("colour", pa.string()), ("shape", pa.string()),
-            ("category", pa.string()), ("community", pa.int32()),
-        ]),  # fmt: skip
-    )
-    meta = {
-        "source": "synthetic",
-        "params": params,
-        **{
-            k: summary[k]
-            for k in ("object_entities", "concept_entities", "images", "corrupt_images", "corrupt_image_paths")
-        },
-    }
-    write_kg(out_dir, entities_df, relations_df, splits, images_df, meta)  # meta.json last
+    out_dir = Path(out_dir)
+    corrupt_slots: list[str] = []
+    distractors = 0
+    with atomic_dir(out_dir) as tmp:
+        writer = ImageWriter(tmp)
+        for e in tqdm(range(n), desc="synthetic images", unit="entity", disable=not progress):
+            erng = np.random.default_rng([seed, 1, e])  # this entity's own stream
+            own = Look(*(CONCEPTS[k][latent[k][e]] for k in ("colour", "shape", "mark")),
+                       backdrop=str(erng.choice(list(BACKDROPS))), size=float(erng.uniform(0.45, 0.9)))
+            for s in range(int(counts[e])):
+                if erng.random() < distractor_images:
+                    look, distractors = random_look(erng), distractors + 1
+                else:  # the object itself; backdrop and size vary between pictures
+                    look = Look(own.colour, own.shape, own.mark, str(erng.choice(list(BACKDROPS))),
+                                float(np.clip(own.size + erng.normal(0, 0.05), 0.45, 0.9)))
+                data = render(look, image_size, erng)
+                if corrupt.get(e) == s:
+                    data = _garbage(erng)
+                    corrupt_slots.append(f"{e}/{s}")
+                writer.add(e, s, data)
+        images_index = writer.close()
+
+        n_concepts = num_entities - n
+        pad = [""] * n_concepts
+        write_parquet(
+            tmp / "latent.parquet",
+            {"entity": np.arange(num_entities, dtype=np.int32),
+             **{k: [CONCEPTS[k][v] for v in latent[k]] + pad for k in CONCEPTS},
+             "community": np.concatenate([latent["community"], np.full(n_concepts, -1)]).astype(np.int32),
+             "team": np.concatenate([latent["team"], np.full(n_concepts, -1)]).astype(np.int32),
+             "colour_in_text": np.concatenate([named_colour, np.zeros(n_concepts, bool)])},
+            pa.schema([("entity", pa.int32()), *((k, pa.string()) for k in CONCEPTS), ("community", pa.int32()),
+                       ("team", pa.int32()), ("colour_in_text", pa.bool_())]),
+        )
+        summary = {
+            "entities": num_entities,
+            "object_entities": n,
+            "concept_entities": n_concepts,
+            "relations": len(RELATIONS),
+            "triples": {s: int(len(splits[s])) for s in SPLITS},
+            "images": int(len(images_index)),
+            "distractor_images": distractors,
+            "objects_without_images": n_none,
+            "objects_with_fewer_images": n_fewer,
+            "corrupt_images": len(corrupt_slots),
+            "corrupt_image_slots": corrupt_slots,
+            **structure_stats(splits, n, [r[1] for r in RELATIONS]),
+        }
+        entities_df = pd.DataFrame(rows, columns=["id", "name", "description"]).assign(
+            num_images=counts.astype(np.int32))
+        relations_df = pd.DataFrame(list(RELATIONS), columns=["id", "name", "modality"])
+        meta = {"source": "synthetic", "params": params,
+                **{k: summary[k] for k in ("object_entities", "concept_entities", "images", "distractor_images",
+                                           "corrupt_images", "corrupt_image_slots", "train_triples_per_object",
+                                           "test_queries", "inverse_leak_rate")}}
+        write_kg(tmp, entities_df, relations_df, splits, images_index, meta)  # meta.json last
     return summary
