@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import platform
@@ -34,9 +35,10 @@ from PIL import Image
 
 from elmm.backbone import LlavaBackbone, build_tiny_backbone, load_backbone, train_tokenizer
 from elmm.config import load_params
-from elmm.kg.format import load_kg
+from elmm.image_tokens import ImageTokens
+from elmm.kg.format import ImageReader, load_kg
 from elmm.kg.synthetic import generate_synthetic
-from elmm.vision import ImageTokens, available_cores, default_workers, encode_kg_images, finalize_encoding
+from elmm.vision import available_cores, default_workers, encode_kg_images, finalize_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,10 +79,11 @@ def naive(kg, backbone, feature_layer: int, device: torch.device) -> tuple[float
     """One image at a time: PIL -> HF processor -> tower; returns (seconds, images, outputs by (entity, slot))."""
     outputs = {}
     start = time.perf_counter()
+    reader = ImageReader(kg.root, kg.images)
     with torch.no_grad():
-        for entity, slot, path in kg.images[["entity", "slot", "path"]].itertuples(index=False):
+        for row, (entity, slot) in enumerate(zip(kg.images["entity"].tolist(), kg.images["slot"].tolist())):
             try:
-                with Image.open(kg.root / path) as im:
+                with Image.open(io.BytesIO(reader.read(row))) as im:
                     im = im.convert("RGB")
             except Exception:
                 continue  # the corrupt ones: the encode path skips them too

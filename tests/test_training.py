@@ -205,7 +205,8 @@ def _free_port() -> int:
 def test_two_process_ddp_matches_one_process(make_project, run_stage) -> None:
     """torchrun, 2 CPU processes (gloo): the same weights as one process with the same global batch."""
     # 312 queries in micro-batches of 311 -> 2 steps; the last has one row, so one rank's slice is empty.
-    overrides = {"train": {**TRAIN, "epochs": 1, "batch_size": 311, "grad_accum": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+    overrides = {"train": {**TRAIN, "epochs": 1, "batch_size": 311, "grad_accum": 1,
+                           "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
                  "evaluate": {"batch_size": 16}}
     single, ddp = make_project(overrides), make_project(overrides)
     run_stage("train", single)
