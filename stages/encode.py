@@ -1,15 +1,13 @@
-"""Stage `encode`: materialise the backbone, run its vision tower over every entity image once,
+"""Stage `encode`: run the backbone's vision tower (from `pretrain`) over every entity image once,
 and write the image tokens to Parquet shards (plus memory-mappable Arrow sidecars) under data/encoded.
 
   python stages/encode.py                  everything, one process (the DVC command)
-  python stages/encode.py --prepare        only build (tiny) or point to (hub) data/backbone
-  python stages/encode.py --shard i/N      only shards with index % N == i (N processes, any nodes);
-                                           needs data/backbone (run --prepare once first)
+  python stages/encode.py --shard i/N      only shards with index % N == i (N processes, any nodes)
   python stages/encode.py --finalize       only check that every shard exists, write the manifest
                                            and metrics/encode.json (no model loaded)
   torchrun --nproc_per_node=N stages/encode.py
-                                           rank 0 prepares, every rank encodes its shards
-                                           (RANK/WORLD_SIZE), rank 0 finalizes after a barrier
+                                           every rank encodes its shards (RANK/WORLD_SIZE),
+                                           rank 0 finalizes after a barrier
 """
 
 import hashlib
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 
 from _common import device, params, parser, setup
-from elmm.backbone import TINY_BACKBONES, build_tiny_backbone, load_backbone, write_backbone_pointer
+from elmm.backbone import load_backbone
 from elmm.io import write_json
 from elmm.kg.format import load_kg
 from elmm.vision import available_cores, default_workers, encode_kg_images, finalize_encoding, worker_assignment
@@ -31,23 +29,23 @@ KG_DIR, BACKBONE_DIR, OUT_DIR = Path("data/kg"), Path("data/backbone"), Path("da
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a directory's small files (weights larger than 64 MB by name and size)."""
+    h = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{f.stat().st_size}".encode())
+        if f.stat().st_size <= 64 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def params_hash(p) -> str:
-    """Every shard carries this: a shard left from other params or other data is never reused.
-    DataLoader workers and the device are not in it (the compute device/dtype is checked apart)."""
-    fingerprint = json.dumps({"encode": asdict(p.encode), "backbone": p.model.backbone,
-                              "tiny": asdict(p.model.tiny) if p.model.backbone in TINY_BACKBONES else None, "seed": p.seed,
-                              "images": hashlib.sha256((KG_DIR / "images.parquet").read_bytes()).hexdigest()},
-                             sort_keys=True)
+    """Every shard carries this: a shard left from other params, another backbone or other images is
+    never reused. DataLoader workers and the device are not in it (compute device/dtype is checked apart)."""
+    fingerprint = json.dumps({"encode": asdict(p.encode), "backbone": _digest(BACKBONE_DIR),
+                              "images": _digest(KG_DIR / "images.parquet")}, sort_keys=True)
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-
-
-def prepare(p, kg) -> None:
-    if p.model.backbone in TINY_BACKBONES:
-        texts = kg.entities["name"].tolist() + kg.entities["description"].tolist() + kg.relations["name"].tolist()
-        texts += ["entity: relation: inverse of , ?"]
-        build_tiny_backbone(BACKBONE_DIR, p.model.tiny, texts, p.seed, family=TINY_BACKBONES[p.model.backbone])
-    else:
-        write_backbone_pointer(BACKBONE_DIR, p.model.backbone)
 
 
 def finalize(p, kg, run: dict | None) -> None:
@@ -91,16 +89,13 @@ def finalize(p, kg, run: dict | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = parser("encode", __doc__)
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--shard", help="i/N: encode only shards with index %% N == i (no prepare, no finalize)")
-    mode.add_argument("--prepare", action="store_true", help="only build/point data/backbone")
+    mode.add_argument("--shard", help="i/N: encode only shards with index %% N == i (no finalize)")
     mode.add_argument("--finalize", action="store_true", help="only check all shards, write manifest and metrics")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images (default: cores - 1)")
     args = ap.parse_args([] if argv is None else argv)
     p = params()
     setup(p.seed)
     kg = load_kg(KG_DIR)
-    if args.prepare:
-        return prepare(p, kg)
     if args.finalize:
         return finalize(p, kg, None)
     try:
@@ -114,12 +109,8 @@ def main(argv: list[str] | None = None) -> None:
 
         # gloo: only barriers and a few numbers travel between ranks, on CPU.
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
-    if args.shard is None and rank == 0:
-        prepare(p, kg)
-    if torchrun:
-        dist.barrier()  # the backbone exists before any rank loads it
     if not (BACKBONE_DIR / "config.json").exists() and not (BACKBONE_DIR / "source.json").exists():
-        sys.exit(f"error: {BACKBONE_DIR} missing; run `python stages/encode.py --prepare` before the --shard workers")
+        sys.exit(f"error: {BACKBONE_DIR} missing; run `dvc repro pretrain` first")
 
     dev = device()
     if dev.type == "cuda" and torchrun:

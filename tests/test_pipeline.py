@@ -21,7 +21,7 @@ import yaml
 from conftest import deep_update
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "encode", "similarity", "calibrate", "train", "evaluate"]
+STAGES = ["download", "pretrain", "encode", "similarity", "calibrate", "train", "evaluate"]
 
 MICRO = {
     "data": {"synthetic": {"entities": 24, "images_per_entity": 3, "image_size": 16, "corrupt_images": 1,
@@ -29,6 +29,7 @@ MICRO = {
     "model": {"tiny": {"vocab_size": 300, "hidden": 32, "layers": 4, "heads": 2, "intermediate": 64,
                        "vision_hidden": 16, "vision_layers": 1, "vision_heads": 2, "image_size": 16, "patch_size": 8},
               "mvtc": {"heads": 2}},
+    "pretrain": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "pictures": 16, "heldout_pictures": 4},
     "encode": {"batch_size": 16, "shard_rows": 32},
     "prune": {"k": 2, "samples": 24, "batch_size": 8},
     "train": {"epochs": 1, "batch_size": 16, "negatives": 4, "warmup_steps": 1},
@@ -118,6 +119,11 @@ def test_metrics_files_have_the_documented_keys(repo):
     assert set(data["entities_by_images"]) == {"0", "1-9", "10+"}
     enc = json.loads((path / "metrics/encode.json").read_text())
     assert enc["skipped"] == 1 and enc["encoded"] == enc["images"] - 1  # the deliberately corrupt image
+    pre = json.loads((path / "metrics/pretrain.json").read_text())
+    assert pre["pretrained_here"] and pre["steps"] == 6
+    for weights in ("pretrained", "random_init"):
+        assert set(pre[weights]["caption_accuracy"]) == {"size", "colour", "shape", "mark", "backdrop"}
+        assert len(pre[weights]["rise_without_layer_attention"]) == 4
     sim = json.loads((path / "metrics/similarity.json").read_text())
     assert len(sim["similarity"]) == 4 and sorted(sim["ranking"]) == [0, 1, 2, 3]
     cal = json.loads((path / "metrics/calibrate.json").read_text())

@@ -64,7 +64,6 @@ class Backbone:
         """One RGB PIL image -> the tensor `vision_features` takes (same shape for every image)."""
         raise NotImplementedError
 
-    @torch.inference_mode()
     def vision_features(self, pixel_values: torch.Tensor, feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the vision tower on a batch of `preprocess` outputs; return (CLS [B, Dv], patch tokens
         [B, M, Dv]) of `feature_layer`. These are what the encode stage stores."""
@@ -111,7 +110,6 @@ class LlavaBackbone(Backbone):
     def preprocess(self, image) -> torch.Tensor:
         return torch.from_numpy(self.image_processor(images=image, return_tensors="np")["pixel_values"][0])
 
-    @torch.inference_mode()
     def vision_features(self, pixel_values: torch.Tensor, feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         hidden = out.hidden_states[feature_layer]  # [B, 1 + M, Dv]; CLIP puts CLS first
@@ -162,7 +160,6 @@ class Qwen2VLBackbone(Backbone):
             raise ValueError("the image processor must resize every image to one size (set min_pixels = max_pixels)")
         return out["pixel_values"]  # [P, C * T * patch * patch]
 
-    @torch.inference_mode()
     def vision_features(self, pixel_values: torch.Tensor, feature_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, p, _ = pixel_values.shape
         flat = pixel_values.reshape(b * p, -1).to(self.vision_tower.get_dtype())
@@ -261,9 +258,8 @@ def tiny_qwen2_vl_config(tiny: TinyBackboneParams, vocab_size: int, pad_id: int,
     )
 
 
-def build_tiny_backbone(out_dir: str | Path, tiny: TinyBackboneParams, texts: list[str], seed: int,
-                        family: str = "llava") -> None:
-    """Make a tiny model of `family` (random weights, local tokenizer); save it with `save_pretrained`.
+def make_tiny_backbone(tiny: TinyBackboneParams, texts: list[str], seed: int, family: str = "llava") -> Backbone:
+    """A tiny model of `family` with random weights (seeded) and a tokenizer trained on `texts`, in memory.
 
     family "llava" (the default pipeline) or "qwen2_vl" (shows the second adapter end to end).
     """
@@ -285,12 +281,27 @@ def build_tiny_backbone(out_dir: str | Path, tiny: TinyBackboneParams, texts: li
     else:
         raise ValueError(f"unknown tiny backbone family {family!r} (llava, qwen2_vl)")
     torch.manual_seed(seed)
-    model = getattr(transformers, FAMILIES[family][0])(config)
+    class_name, adapter = FAMILIES[family]
+    model = getattr(transformers, class_name)(config).eval()
+    model.requires_grad_(False)
+    return adapter.from_model(f"tiny-{family}", model, tokenizer, image_processor)
+
+
+def save_backbone(out_dir: str | Path, backbone: Backbone, info: dict) -> None:
+    """`save_pretrained` the model, tokenizer and image processor (safetensors), atomically."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        write_json(tmp / "elmm_backbone.json", {"kind": f"tiny-{family}", "seed": seed, "params": tiny.__dict__})
+        backbone.model.save_pretrained(tmp)  # safetensors
+        backbone.tokenizer.save_pretrained(tmp)
+        backbone.image_processor.save_pretrained(tmp)
+        write_json(tmp / "elmm_backbone.json", info)
+
+
+def build_tiny_backbone(out_dir: str | Path, tiny: TinyBackboneParams, texts: list[str], seed: int,
+                        family: str = "llava") -> None:
+    """Make a tiny model of `family` (random weights, local tokenizer); save it with `save_pretrained`."""
+    backbone = make_tiny_backbone(tiny, texts, seed, family)
+    save_backbone(out_dir, backbone, {"kind": f"tiny-{family}", "seed": seed, "params": tiny.__dict__,
+                                      "pretrained": False})
 
 
 def write_backbone_pointer(out_dir: str | Path, name: str) -> None:

@@ -65,6 +65,20 @@ class TinyBackboneParams:
 
 
 @dataclass
+class PretrainParams:
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    caption_share: float = 0.5  # share of steps that are caption batches (the rest read text)
+    triples_after: float = 0.3  # share of the steps before verbalised train triples join the text
+    pictures: int = 4000  # rendered caption pictures to train on
+    heldout_pictures: int = 256
+    heldout_text: float = 0.05  # share of text lines kept out, to measure held-out loss
+
+
+@dataclass
 class MVTCParams:
     enabled: bool = True
     text_view: bool = True
@@ -78,7 +92,7 @@ class ModelParams:
     tiny: TinyBackboneParams = field(default_factory=TinyBackboneParams)
     mvtc: MVTCParams = field(default_factory=MVTCParams)
     head: Literal["completion", "lm_head"] = "completion"
-    max_text_tokens: int = 16
+    max_text_tokens: int = 32
     max_image_tokens: int = 256
 
 
@@ -148,6 +162,7 @@ class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
     encode: EncodeParams = field(default_factory=EncodeParams)
     prune: PruneParams = field(default_factory=PruneParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -275,6 +290,19 @@ def validate(p: Params, num_layers: int | None = None) -> None:
                  "at least one MVTC view must be on (or set model.mvtc.enabled=false)")
     _require(p.model.max_text_tokens >= 1, "model.max_text_tokens", "must be at least 1")
     _require(p.model.max_image_tokens >= 1, "model.max_image_tokens", "must be at least 1")
+
+    pp = p.pretrain
+    _require(pp.steps >= 0, "pretrain.steps", "must be >= 0 (0: the random-init backbone)")
+    _require(pp.batch_size >= 1, "pretrain.batch_size", "must be at least 1")
+    _require(pp.lr > 0, "pretrain.lr", "must be > 0")
+    _require(pp.warmup_steps >= 0, "pretrain.warmup_steps", "must be >= 0")
+    _require(pp.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
+    _check_fraction(pp.caption_share, "pretrain.caption_share")
+    _check_fraction(pp.triples_after, "pretrain.triples_after")
+    _require(pp.pictures >= pp.batch_size or pp.caption_share == 0, "pretrain.pictures",
+             f"must be at least pretrain.batch_size ({pp.batch_size})")
+    _require(pp.heldout_pictures >= 1, "pretrain.heldout_pictures", "must be at least 1")
+    _check_fraction(pp.heldout_text, "pretrain.heldout_text", closed=False)
 
     _require(p.encode.batch_size >= 1, "encode.batch_size", "must be at least 1")
     _require(p.encode.shard_rows is None or p.encode.shard_rows >= 1, "encode.shard_rows", "must be null or at least 1")

@@ -135,7 +135,8 @@ def _probe(backbone, feature_layer: int, device: torch.device, dtype: torch.dtyp
     """(patch tokens, width) of one image, from a blank picture through the tower: every shard,
     even one holding only corrupt images, then has the same schema, whatever the family."""
     pixels = _preprocess_fn(backbone)(Image.new("RGB", (64, 64)))[None].to(device, dtype)
-    cls, patches = backbone.vision_features(pixels, feature_layer)
+    with torch.inference_mode():
+        cls, patches = backbone.vision_features(pixels, feature_layer)
     return patches.shape[1], patches.shape[2]
 
 

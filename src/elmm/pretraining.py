@@ -1,0 +1,305 @@
+"""Pretraining the tiny backbone on the synthetic world, the way LLaVA-style models are made, in miniature.
+
+A random-weight backbone gives attention that carries nothing, so pruning it removes no knowledge
+and the paper's claims cannot be tested on it. This module makes a small multimodal LM instead:
+
+- **Seeing** (LLaVA's captioning stage): freshly rendered pictures of the world's kind, each
+  captioned with all its attributes ("a small red circle with a white mark on navy"). The images
+  go through the vision tower and the projector as a prefix; the loss is the caption's next-token
+  loss, so the tower, projector and decoder learn to describe images. The pictures come from their
+  own random stream (`CAPTION_STREAM`), never from the KG's images.
+- **Reading**: every entity's name and description, and the verbalised TRAINING triples in the
+  prompt's own words (" entity: X relation: knows answer: Y ." and the inverse phrasing). Valid
+  and test triples never enter the corpus, so the weights do not depend on them (tested).
+- **Curriculum**: captions and descriptions first, triples joining after `pretrain.triples_after`
+  of the steps (memorising facts pays only once the model reads).
+
+`evaluate_pretraining` measures what the pretrained weights do, next to the same numbers for the
+random-init weights: held-out caption accuracy per attribute, and held-out loss with all attention,
+or a single layer's attention, replaced by zero (`attention_zeroed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .backbone import Backbone
+from .config import PretrainParams
+from .kg.synthetic import BACKDROPS, COLOURS, MARKS, SHAPES, Look, caption, random_look, render
+
+CAPTION_STREAM = 7  # seed purpose of the caption pictures (the KG's images use 1)
+ATTRIBUTES = ("size", "colour", "shape", "mark", "backdrop")  # the words of a caption, in order
+
+
+def entity_line(name: str, description: str) -> str:
+    """An entity as the prompt shows it (elmm.prompt): " entity: {name} , {description}"."""
+    return f" entity: {name} , {description}" if description else f" entity: {name}"
+
+
+def triple_lines(head: str, relation: str, tail: str) -> list[str]:
+    """A training triple in the prompt's words, both directions (tail and head query phrasing)."""
+    return [f" entity: {head} relation: {relation} answer: {tail} .",
+            f" entity: {tail} relation: inverse of {relation} answer: {head} ."]
+
+
+def _heldout(line: str, fraction: float) -> bool:
+    """A fixed, seed-independent share of lines kept out of training, to measure held-out loss."""
+    return int(hashlib.sha256(line.encode()).hexdigest()[:8], 16) / 16**8 < fraction
+
+
+@dataclass
+class TextCorpus:
+    descriptions: list[str]
+    triples: list[str]
+    heldout: list[str]
+
+
+def text_corpus(kg, heldout_fraction: float) -> TextCorpus:
+    """Descriptions of every entity and the verbalised train triples (never valid or test)."""
+    names = kg.entities["name"].tolist()
+    rel = kg.relations["name"].tolist()
+    descriptions = [entity_line(n, d) for n, d in zip(names, kg.entities["description"].tolist())]
+    triples = [line for h, r, t in kg.triples["train"].tolist() for line in triple_lines(names[h], rel[r], names[t])]
+    heldout = [x for x in descriptions + triples if _heldout(x, heldout_fraction)]
+    keep = set(heldout)
+    return TextCorpus([x for x in descriptions if x not in keep], [x for x in triples if x not in keep], heldout)
+
+
+def caption_pictures(n: int, image_size: int, seed: int, stream: int) -> list[tuple[Look, bytes]]:
+    """`n` random pictures with what they show, from the stream (seed, CAPTION_STREAM, stream)."""
+    rng = np.random.default_rng([seed, CAPTION_STREAM, stream])
+    out = []
+    for _ in range(n):
+        look = random_look(rng)
+        out.append((look, render(look, image_size, rng)))
+    return out
+
+
+def tokenizer_texts(kg) -> list[str]:
+    """What the tiny backbone's tokenizer is trained on: the KG's text, captions' words, templates."""
+    words = [caption(Look(c, sh, m, b, size)) for c in COLOURS for sh in SHAPES for m in MARKS for b in BACKDROPS
+             for size in (0.5, 0.8)]
+    return (kg.entities["name"].tolist() + kg.entities["description"].tolist() + kg.relations["name"].tolist()
+            + words + [" entity: , relation: inverse of answer: ."])
+
+
+# ---------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, L] token ids (BOS first), right-padded
+    mask: torch.Tensor  # [B, L] True on real tokens
+    pixels: torch.Tensor | None = None  # [B, ...] preprocessed pictures (caption batches)
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+class Encoder:
+    """Token ids and picture tensors for pretraining batches."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        tok = backbone.tokenizer
+        self.tokenizer, self.bos, self.pad = tok, backbone.start_token_id, tok.pad_token_id
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def texts(self, lines: list[str]) -> Batch:
+        return Batch(*_pad([[self.bos, *self.ids(x)] for x in lines], self.pad))
+
+    def pixels(self, jpegs: list[bytes]) -> torch.Tensor:
+        out = []
+        for data in jpegs:
+            with Image.open(io.BytesIO(data)) as im:
+                out.append(self.backbone.preprocess(im.convert("RGB")))
+        return torch.stack(out)
+
+    def captions(self, pictures: list[tuple[Look, bytes]]) -> Batch:
+        ids, mask = _pad([[self.bos, *self.ids(" " + caption(look))] for look, _ in pictures], self.pad)
+        return Batch(ids, mask, self.pixels([data for _, data in pictures]))
+
+
+# ---------------------------------------------------------------------------------- forward and loss
+
+
+def lm_loss(backbone: Backbone, batch: Batch, feature_layer: int, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of the text of `batch`; a caption batch has its pictures' tokens as a prefix
+    (after BOS), as LLaVA places them: [<s>, image tokens, caption]."""
+    embeds = backbone.embed_tokens(batch.ids)
+    mask = batch.mask
+    prefix = 0
+    if batch.pixels is not None:
+        _, patches = backbone.vision_features(batch.pixels, feature_layer)
+        image = backbone.project_images(patches).to(embeds.dtype)  # [B, M', D]
+        prefix = image.shape[1]
+        embeds = torch.cat([embeds[:, :1], image, embeds[:, 1:]], dim=1)
+        mask = torch.cat([mask[:, :1], torch.ones(image.shape[:2], dtype=torch.bool), mask[:, 1:]], dim=1)
+    hidden = backbone.decoder(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
+    # Text token j >= 1 sits at decoder position prefix + j and is predicted one position earlier.
+    logits = backbone.lm_head(hidden[:, prefix:prefix + batch.ids.shape[1] - 1])
+    targets = batch.ids[:, 1:]
+    valid = batch.mask[:, 1:]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    losses = losses.view(targets.shape) * valid
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / valid.sum().clamp(min=1)
+
+
+@contextlib.contextmanager
+def attention_zeroed(layers, which: list[int]) -> Iterator[None]:
+    """Inside the block, the attention sub-block of each layer in `which` outputs zero: h = x + 0."""
+    def zero(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        return (torch.zeros_like(out), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(out)
+
+    handles = [layers[i].self_attn.register_forward_hook(zero, with_kwargs=True) for i in which]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, bytes]], p: PretrainParams, *,
+             feature_layer: int, seed: int, log: Callable[[str, float, int], None] = lambda *a: None,
+             progress: bool = True) -> dict:
+    """Train every weight of `backbone` (tower, projector, decoder, embeddings) on the curriculum.
+
+    Step s is a caption batch when s % round(1 / caption_share) == 0, else a text batch of
+    descriptions (and, after `triples_after` of the steps, triples). Everything random is drawn
+    from `seed`, so the same inputs give the same weights.
+    """
+    model = backbone.model
+    model.train()
+    model.requires_grad_(True)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(p.warmup_steps, p.steps))
+    enc = Encoder(backbone)
+    gen = np.random.default_rng([seed, CAPTION_STREAM, 99])
+    every = max(1, round(1 / p.caption_share)) if p.caption_share > 0 else 0
+    with_triples = int(p.triples_after * p.steps)
+    losses = {"caption": [], "text": []}
+    start = time.perf_counter()
+    for step in tqdm(range(p.steps), desc="pretrain", unit="step", disable=not progress):
+        if every and step % every == 0:
+            pick = gen.choice(len(pictures), size=p.batch_size, replace=False)
+            kind, batch = "caption", enc.captions([pictures[i] for i in pick])
+        else:
+            pool = corpus.descriptions + (corpus.triples if step >= with_triples else [])
+            pick = gen.choice(len(pool), size=min(p.batch_size, len(pool)), replace=False)
+            kind, batch = "text", enc.texts([pool[i] for i in pick])
+        loss = lm_loss(backbone, batch, feature_layer)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses[kind].append(loss.item())
+        log(f"pretrain/{kind}_loss", loss.item(), step + 1)
+    model.eval()
+    model.requires_grad_(False)
+    return {"steps": p.steps, "seconds": round(time.perf_counter() - start, 1),
+            "final_caption_loss": float(np.mean(losses["caption"][-20:])) if losses["caption"] else None,
+            "final_text_loss": float(np.mean(losses["text"][-20:])) if losses["text"] else None}
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def caption_accuracy(backbone: Backbone, pictures: list[tuple[Look, bytes]], feature_layer: int,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Per attribute: how often the most likely next token at that word's place in the caption is
+    the word's first token (teacher-forced on the caption before it)."""
+    enc = Encoder(backbone)
+    hits = dict.fromkeys(ATTRIBUTES, 0)
+    for lo in range(0, len(pictures), batch_size):
+        chunk = pictures[lo:lo + batch_size]
+        batch = enc.captions(chunk)
+        embeds = backbone.embed_tokens(batch.ids)
+        _, patches = backbone.vision_features(batch.pixels, feature_layer)
+        image = backbone.project_images(patches).to(embeds.dtype)
+        prefix = image.shape[1]
+        embeds = torch.cat([embeds[:, :1], image, embeds[:, 1:]], dim=1)
+        mask = torch.cat([batch.mask[:, :1], torch.ones(image.shape[:2], dtype=torch.bool), batch.mask[:, 1:]], 1)
+        hidden = backbone.decoder(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
+        for i, (look, _) in enumerate(chunk):
+            text = " " + caption(look)
+            words = {"size": "small" if look.size < 0.65 else "large", "colour": look.colour, "shape": look.shape,
+                     "mark": look.mark, "backdrop": look.backdrop}
+            for attr, word in words.items():
+                before = text[: text.index(f" {word}")]
+                pos = len(enc.ids(before))  # caption token index of the word's first token
+                # caption token j (j >= 1) is predicted at decoder position prefix + j; token 0 after BOS+image
+                at = prefix + pos  # hidden state of the token before the word (BOS is index 0)
+                predicted = int(backbone.lm_head(hidden[i, at]).argmax())
+                hits[attr] += predicted == enc.ids(text)[pos]
+    return {a: round(hits[a] / len(pictures), 4) for a in ATTRIBUTES}
+
+
+@torch.no_grad()
+def heldout_loss(backbone: Backbone, pictures, texts: list[str], feature_layer: int, batch_size: int = 64) -> dict:
+    """Mean next-token loss (nats per token) on held-out captions and held-out text."""
+    enc = Encoder(backbone)
+    out = {}
+    for kind, items in (("caption", pictures), ("text", texts)):
+        total = tokens = 0.0
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo:lo + batch_size]
+            batch = enc.captions(chunk) if kind == "caption" else enc.texts(chunk)
+            total += float(lm_loss(backbone, batch, feature_layer, reduction="sum"))
+            tokens += float(batch.mask[:, 1:].sum())
+        out[kind] = round(total / max(tokens, 1), 4)
+    return out
+
+
+def evaluate_pretraining(backbone: Backbone, pictures, texts: list[str], feature_layer: int) -> dict:
+    """Caption accuracy per attribute; held-out loss as is, with all attention zeroed, and with each
+    single layer's attention zeroed (and the rise over the unablated loss)."""
+    layers = backbone.layers
+    base = heldout_loss(backbone, pictures, texts, feature_layer)
+    with attention_zeroed(layers, list(range(len(layers)))):
+        none = heldout_loss(backbone, pictures, texts, feature_layer)
+    single = []
+    for i in range(len(layers)):
+        with attention_zeroed(layers, [i]):
+            single.append(heldout_loss(backbone, pictures, texts, feature_layer))
+    rise = lambda x: {k: round(x[k] - base[k], 4) for k in base}  # noqa: E731
+    return {"caption_accuracy": caption_accuracy(backbone, pictures, feature_layer),
+            "heldout_loss": base, "loss_without_attention": none, "rise_without_attention": rise(none),
+            "loss_without_layer_attention": single, "rise_without_layer_attention": [rise(x) for x in single]}
