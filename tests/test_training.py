@@ -140,6 +140,30 @@ def test_non_finite_loss_stops_naming_the_step(make_workspace, micro_env, monkey
                     progress=False)
 
 
+def test_early_stopping_keeps_the_best_epoch(make_workspace, micro_env) -> None:
+    """Validation gets worse after the start: with patience 2 training stops after 2 epochs (of 5)
+    and the weights are those of epoch 0, the best."""
+    ws = make_workspace()
+    model = build_model(ws, seed=0)
+    set_trainable(model)
+    queries = queries_from_triples(ws.kg.triples["train"])
+    tp = copy.deepcopy(micro_env.params.train)
+    tp.batch_size, tp.epochs, tp.patience, tp.lr = 64, 5, 2, 0.01
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen = []
+
+    def validate(epoch: int) -> dict:
+        seen.append(epoch)
+        return {"mrr": 1.0 if epoch == 0 else 0.5, "hits_at_1": 0.0, "hits_at_10": 0.0}
+
+    summary = train_model(model, ws, queries, FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0,
+                          validate=validate, progress=False)
+    steps_per_epoch = -(-len(queries) // 64)
+    assert seen == [0, 1, 2] and summary["stopped_early"] == 2 and summary["steps"] == 2 * steps_per_epoch
+    assert summary["best_epoch"] == 0
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
 # ---------------------------------------------------------------------------------------- stages
 def test_same_params_give_the_same_metrics_twice(fresh, make_project, run_stage) -> None:
     again = make_project(UNIFORM)

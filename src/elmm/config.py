@@ -131,6 +131,7 @@ class TrainParams:
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int | None = None
+    patience: int = 0  # stop after this many epochs without a better validation MRR; 0 = train every epoch
     negatives: int = 32
     self_denoise: bool = True
     warmup_steps: int = 20
@@ -330,6 +331,7 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(tr.batch_size >= 1, "train.batch_size", "must be at least 1")
     _require(tr.grad_accum >= 1, "train.grad_accum", "must be at least 1")
     _require(tr.max_steps is None or tr.max_steps >= 0, "train.max_steps", "must be null or >= 0")
+    _require(tr.patience >= 0, "train.patience", "must be >= 0 (0 = no early stopping)")
     _require(tr.negatives >= 1, "train.negatives", "must be at least 1")
     _require(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")

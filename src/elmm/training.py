@@ -153,8 +153,14 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
         return loss_sum / n_group
 
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not (progress and dist.main))
+    stopped_early = None
     for epoch in range(state.step // steps_per_epoch, tp.epochs):
         if state.step >= total:
+            break
+        # Early stopping: `patience` epochs without a better validation MRR (rank 0 decides).
+        stale = tp.patience and validate is not None and dist.main and epoch - state.best_epoch >= tp.patience
+        if broadcast_int(int(bool(stale)), dist, device):
+            stopped_early = epoch
             break
         model.train()
         order = epoch_order(len(train_queries), seed, epoch)
@@ -186,4 +192,4 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
         with torch.no_grad():
             for n, p in named:
                 p.copy_(state.best_state[n])
-    return summary(min(tp.epochs, math.ceil(state.step / steps_per_epoch)))
+    return {**summary(min(tp.epochs, math.ceil(state.step / steps_per_epoch))), "stopped_early": stopped_early}
