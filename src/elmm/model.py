@@ -219,6 +219,11 @@ class ELMM(nn.Module):
 def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
     """Eq. 15: -log sigma(s_target) - mean over valid negatives of log(1 - sigma(s_neg)), batch mean.
 
+    A correction of the paper: eq. 15 is printed as `-log p(target) + mean log(1 - p(neg))`. With
+    that sign, minimising the loss would drive every negative's probability towards 1, rewarding
+    high negative scores. The binary cross-entropy it describes, and what this function computes,
+    subtracts the negatives' term: each negative is pushed towards p = 0.
+
     `negatives` [B, K] entity indices, `negative_mask` [B, K] False for slots to ignore (a sampled
     entity that is in fact a true answer).
     """
