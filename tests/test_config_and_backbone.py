@@ -27,6 +27,10 @@ def test_default_params_file_is_valid():
         ({"train": {"self_denoise": "yes"}}, "train.self_denoise"),
         ({"data": {"name": "fb15k-237-img"}}, "data.url"),
         ({"model": {"mvtc": {"text_view": False, "image_view": False}}}, "model.mvtc"),
+        ({"model": {"mvtc": {"text_query": "description"}}}, "model.mvtc.text_query"),
+        ({"model": {"mvtc": {"value": "diagonal"}}}, "model.mvtc.value"),
+        ({"model": {"mvtc": {"value_rank": 0}}}, "model.mvtc.value_rank"),
+        ({"model": {"entity_readout": "first"}}, "model.entity_readout"),
         ({"bogus": 1}, "bogus"),
     ],
 )
