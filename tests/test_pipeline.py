@@ -119,7 +119,13 @@ def test_metrics_files_have_the_documented_keys(repo):
     enc = json.loads((path / "metrics/encode.json").read_text())
     assert enc["skipped"] == 1 and enc["encoded"] == enc["images"] - 1  # the deliberately corrupt image
     sim = json.loads((path / "metrics/similarity.json").read_text())
-    assert len(sim["similarity"]) == 4 and sorted(sim["ranking"]) == [0, 1, 2, 3]
+    assert sorted(sim["ranking"]) == [0, 1, 2, 3] and sim["ranked_by"] == "residual"
+    for curves in (sim["backbone"], sim["random_init"]):
+        assert len(curves["residual"]) == len(curves["attention"]) == 4
+    assert sim["ranking"] == sorted(range(4), key=lambda i: (-sim["backbone"]["residual"][i], i))
+    assert sim["random_init"]["residual"] != sim["backbone"]["residual"]
+    header = (path / "metrics/plots/similarity.csv").read_text().splitlines()[0]
+    assert header == "layer,residual,attention,residual_random_init,attention_random_init"
     cal = json.loads((path / "metrics/calibrate.json").read_text())
     assert cal["layers"] == sorted(sim["ranking"][:2])
     assert {"ridge", "paper"} <= set(cal["total"])

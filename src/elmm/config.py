@@ -100,6 +100,7 @@ class PruneParams:
     init: Literal["closed_form", "zero"] = "closed_form"
     target: Literal["global", "local"] = "global"
     ridge: float = 0.01
+    similarity: Literal["residual", "attention"] = "residual"  # the reading that ranks layers for pruning
 
 
 @dataclass
