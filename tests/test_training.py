@@ -185,6 +185,12 @@ def test_mismatching_checkpoint_is_ignored(make_project, run_stage, capsys) -> N
     assert "resuming" not in out
     summary = json.loads((project / "metrics/train/metrics.json").read_text())
     assert summary["steps"] == 4 and summary["train"]["lr"] == pytest.approx(0.0)
+    # The summary carries the trainable parameters per component (elmm.param_count).
+    counts = summary["parameters"]
+    saved = json.loads((project / "data/model/config.json").read_text())
+    assert {"mvtc_text", "mvtc_image", "completion", "lora", "compensation"} <= set(counts)
+    assert counts["trainable"] == saved["trainable_parameters"] == saved["parameters"]["trainable"]
+    assert counts["trainable"] == sum(v for k, v in counts.items() if k not in ("trainable", "frozen"))
 
 
 def test_checkpoint_every_does_not_change_the_fingerprint(micro_env) -> None:
