@@ -162,9 +162,23 @@ def test_exp_run_with_override_is_listed_by_exp_show(repo):
     run(["git", "commit", "-qm", "baseline results"], path, env)
     out = run(dvc + ["exp", "run", "-S", "train.lr=2e-3"], path, env)  # a value not in the run cache
     assert stages_run(out) == ["train", "evaluate"]
-    rows = json.loads(run(dvc + ["exp", "show", "--json"], path, env))
-    text = json.dumps(rows)
+    show = run(dvc + ["exp", "show", "--json"], path, env)
+    text = json.dumps(json.loads(show))
     assert '"lr": 0.002' in text and "hits_at_10" in text
+    # Every experiment commit carries its per-query ranks, readable with `git show`.
+    from elmm.experiments import load_experiments
+
+    rows = {r["params"]["train"]["lr"]: r for r in load_experiments(show[show.index("["):])}
+    exp_ranks = run(["git", "show", f"{rows[0.002]['rev']}:metrics/ranks/test.csv"], path, env)
+    base_ranks = run(["git", "show", f"{rows[3e-4]['rev']}:metrics/ranks/test.csv"], path, env)
+    header = "query,relation,direction,anchor,target,rank,optimistic,pessimistic"
+    assert exp_ranks.splitlines()[0] == base_ranks.splitlines()[0] == header
+    assert [r.split(",")[:5] for r in exp_ranks.splitlines()] == [r.split(",")[:5] for r in base_ranks.splitlines()]
+    # ... which the paired comparison reads (same seed: the same test queries).
+    table = run([sys.executable, "-m", "elmm.experiments", "table", "--by-seed", "--baseline", rows[3e-4]["name"],
+                 "--resamples", "200", "--no-relations"], path, {**env, "PYTHONPATH": str(path / "src")})
+    line = next(ln for ln in table.splitlines() if "train.lr=0.002" in ln)
+    assert re.search(r"\| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] \|", line), table
 
 
 @pytest.mark.integration
