@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from dvclive import Live
 
-import elmm
 from _common import device, params, parse_args, setup
 from elmm.checkpointing import Checkpoints, training_fingerprint
 from elmm.distributed import init_distributed, shutdown_distributed
@@ -33,6 +32,8 @@ CHECKPOINT_DIR = "data/checkpoints"
 
 def fingerprint(p) -> str:
     """Params that shape training, the stage's input files, and the code (the elmm package)."""
+    import elmm  # here, not at the top: an `import elmm` sorts before `_common`, which must run first
+
     inputs = [*sorted(Path("data/kg").glob("*.parquet")), Path("data/kg/meta.json"),
               Path("data/encoded/manifest.json"), Path("data/backbone"), Path(f"data/pruning/{PRUNING_FILE}")]
     code = [Path(elmm.__file__).parent, Path(__file__).resolve(), Path(__file__).resolve().parent / "_common.py"]
