@@ -1,5 +1,6 @@
 """Stage `evaluate`: exact filtered ranking of every entity for head and tail queries of the test
-split (filters from train + valid + test); writes metrics/evaluate.json.
+split (filters from train + valid + test); writes metrics/evaluate.json, and every query's ranks
+to metrics/ranks/<split>.csv (elmm.rank_table; git-tracked, for paired comparisons of experiments).
 
 Also builds the faiss index over the scoring head's entity vectors (bias folded in, see
 elmm.retrieval) into data/index, and measures its recall@k against the exact ranking.
@@ -13,6 +14,7 @@ from elmm.evaluation import TIE_ATOL, TIE_RTOL
 from elmm.io import write_json
 from elmm.kg.queries import FilterIndex, queries_from_triples
 from elmm.model_io import load_trained
+from elmm.rank_table import ranks_path, write_rank_table
 from elmm.ranking import evaluate_ranking
 from elmm.retrieval import (
     RecallMeter,
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     res = evaluate_ranking(model, ws, queries, filters, ev.batch_size, precision=p.train.precision,
                            desc="evaluate", on_batch=on_batch if meters else None)
     m = res.metrics
+    r = res.ranks
+    write_rank_table(ranks_path(ev.split), r["relation"], r["direction"], queries.anchors, queries.targets,
+                     r["realistic"], r["optimistic"], r["pessimistic"])
 
     if meters:
         flat = meters["flat"].result()
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         "split": ev.split,
         "ranks": {"kind": "realistic", "tie_atol": TIE_ATOL, "tie_rtol": TIE_RTOL,
                   "filter": "train+valid+test"},
-        "head": m["head"], "tail": m["tail"], "per_relation": m["per_relation"],
+        "head": m["head"], "tail": m["tail"], "anchor_rank": m["anchor_rank"], "per_relation": m["per_relation"],
         "efficiency": {
             "queries_per_second": round(res.queries_per_second, 2),
             "ms_per_query": round(1000 * res.seconds / n, 4),
@@ -107,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     write_json("metrics/evaluate.json", report)
     print(f"evaluate: {ev.split} MRR {m['mrr']:.4f}  MR {m['mr']:.1f}  Hits@1 {m['hits_at_1']:.4f}  "
           f"Hits@3 {m['hits_at_3']:.4f}  Hits@10 {m['hits_at_10']:.4f}  ({res.queries} queries, "
-          f"{res.queries_per_second:.1f}/s)")
+          f"{res.queries_per_second:.1f}/s); per-query ranks -> {ranks_path(ev.split)}")
+    a = m["anchor_rank"]
+    if a["count"]:
+        print(f"evaluate: the query's own anchor: mean rank {a['mean_rank']:.1f}, ranked first in {a['first']:.1%}")
     for name, r in m["per_relation"].items():
         sides = "  ".join(f"{side} {r[side]['mrr']:.4f}" for side in ("tail", "head") if side in r)
         print(f"evaluate:   {name:24s} MRR {r['mrr']:.4f} ({sides})  Hits@10 {r['hits_at_10']:.4f}  "

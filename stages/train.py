@@ -1,6 +1,7 @@
 """Stage `train`: LoRA fine-tuning of the pruned model with MVTC and the completion layer.
 
-Logs the training curves and per-epoch validation metrics with DVCLive (metrics/train); keeps the
+Logs the training curves and per-epoch validation metrics with DVCLive (metrics/train), and the
+trainable parameters per component (elmm.param_count) in its summary (`parameters`); keeps the
 parameters of the best validation MRR epoch and saves them under data/model (the LoRA adapter in
 peft's layout, the ELMM components in elmm.safetensors).
 
@@ -15,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from dvclive import Live
 
-import elmm
 from _common import device, params, parse_args, setup
 from elmm.checkpointing import Checkpoints, training_fingerprint
 from elmm.distributed import init_distributed, shutdown_distributed
 from elmm.kg.queries import FilterIndex, queries_from_triples
 from elmm.model_io import add_lora, build_model, lora_config, save_trained, set_trainable
+from elmm.param_count import model_parameters
 from elmm.pruning.artifact import PRUNING_FILE
 from elmm.ranking import evaluate_ranking
 from elmm.training import train_model
@@ -31,6 +32,8 @@ CHECKPOINT_DIR = "data/checkpoints"
 
 def fingerprint(p) -> str:
     """Params that shape training, the stage's input files, and the code (the elmm package)."""
+    import elmm  # here, not at the top: an `import elmm` sorts before `_common`, which must run first
+
     inputs = [*sorted(Path("data/kg").glob("*.parquet")), Path("data/kg/meta.json"),
               Path("data/encoded/manifest.json"), Path("data/backbone"), Path(f"data/pruning/{PRUNING_FILE}")]
     code = [Path(elmm.__file__).parent, Path(__file__).resolve(), Path(__file__).resolve().parent / "_common.py"]
@@ -50,9 +53,15 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
         model = build_model(ws, f"data/pruning/{PRUNING_FILE}", seed=p.seed)
         add_lora(model, lora_config(tp.lora.r, tp.lora.alpha, tp.lora.dropout))
         trainable, total = set_trainable(model)
+        # Trainable parameters per component (elmm.param_count), and the frozen backbone's total.
+        counts = model_parameters(model)
+        parameters = {**{c: v["total"] for c, v in counts["components"].items() if c != "backbone_frozen"},
+                      "trainable": counts["trainable"], "frozen": counts["frozen"]}
         model.to(dev)
         say(f"train: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
             f"pruned layers {model.config.pruned_layers}; device {dev}; world size {dist.world}")
+        say("train: trainable by component: " + ", ".join(f"{c} {n:,}" for c, n in parameters.items()
+                                                          if c not in ("trainable", "frozen")))
 
         kg = ws.kg
         train_q = queries_from_triples(kg.triples["train"])
@@ -83,12 +92,13 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
                                   checkpoints=checkpoints, dist=dist, stop_after=stop_after_steps)
             if live is not None:
                 live.summary.update(summary)
+                live.summary["parameters"] = parameters
         finally:
             if live is not None:
                 live.end()
         if dist.main:
             extra = {"summary": summary, "best_epoch": summary["best_epoch"], "trainable_parameters": trainable,
-                     "total_parameters": total}
+                     "total_parameters": total, "parameters": counts}
             save_trained("data/model", model, extra)
             checkpoints.clear()
             say(f"train: {summary['steps']} steps; best validation MRR {summary['valid_best_mrr']:.4f} at epoch "

@@ -88,4 +88,5 @@ def test_similarity_hooks_work_on_qwen_layers(qwen_dir):
         return model.decoder_mask(model.image_mask(bt["slot_mask"], 16), bt["text"].mask)
 
     sims = measure_similarity(b.layers, run, [batch])
-    assert len(sims) == 3 and all(-1 <= s <= 1 for s in sims)
+    assert set(sims) == {"residual", "attention"}
+    assert all(len(v) == 3 and all(-1 <= s <= 1 for s in v) for v in sims.values())

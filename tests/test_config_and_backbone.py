@@ -27,6 +27,11 @@ def test_default_params_file_is_valid():
         ({"train": {"self_denoise": "yes"}}, "train.self_denoise"),
         ({"data": {"name": "fb15k-237-img"}}, "data.url"),
         ({"model": {"mvtc": {"text_view": False, "image_view": False}}}, "model.mvtc"),
+        ({"model": {"mvtc": {"text_query": "description"}}}, "model.mvtc.text_query"),
+        ({"model": {"mvtc": {"value": "diagonal"}}}, "model.mvtc.value"),
+        ({"model": {"mvtc": {"value_rank": 0}}}, "model.mvtc.value_rank"),
+        ({"model": {"entity_readout": "first"}}, "model.entity_readout"),
+        ({"prune": {"similarity": "mlp"}}, "prune.similarity"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -66,3 +71,25 @@ def test_tiny_backbone_round_trips_through_save_pretrained(micro_env):
         assert na == nb and torch.equal(pa, pb)
     ids = a.tokenizer(" entity: relation: inverse of", add_special_tokens=False)["input_ids"]
     assert ids and a.tokenizer.unk_token_id not in ids
+
+
+def test_random_init_copy_is_the_same_architecture_with_fresh_seeded_weights(micro_env):
+    """Same parameter names, shapes and dtypes; other values; the same seed gives the same weights;
+    the loaded backbone and the global RNG are untouched."""
+    from elmm.backbone import random_init_copy
+
+    b = load_backbone(micro_env.backbone_dir)
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    one, two, other = random_init_copy(b, 3), random_init_copy(b, 3), random_init_copy(b, 4)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert type(one) is type(b) and one.num_layers == b.num_layers and one.tokenizer is b.tokenizer
+    fresh, orig = one.model.state_dict(), b.model.state_dict()
+    assert [(k, v.shape, v.dtype) for k, v in fresh.items()] == [(k, v.shape, v.dtype) for k, v in orig.items()]
+    for k, v in orig.items():
+        assert torch.equal(v, before[k]), k
+    weight = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(fresh[weight], orig[weight])
+    assert torch.equal(fresh[weight], two.model.state_dict()[weight])
+    assert not torch.equal(fresh[weight], other.model.state_dict()[weight])
+    assert not one.model.training and not any(p.requires_grad for p in one.model.parameters())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from elmm.evaluation import RankAccumulator, compute_ranks, summarize
+from elmm.evaluation import RankAccumulator, anchor_ranks, compute_ranks, summarize
 from elmm.kg.queries import FilterIndex
 
 
@@ -290,3 +290,51 @@ def test_filter_index_validates_entities() -> None:
         index.mask([5], [0], [0])
     with pytest.raises(ValueError):
         index.mask([0], [0], [2])
+
+
+# ---------------------------------------------------------------------------- anchor ranks (self-denoising)
+def test_anchor_ranks_hand_made_scores() -> None:
+    """The anchor is ranked among the target's filtered candidates (the answer stays one; the
+    anchor is kept even when it is itself a known answer); `first` counts anchors above everything."""
+    scores = torch.tensor([
+        [0.9, 0.1, 0.5, 0.95, 0.2],  # anchor 0, target 2; 3 is another answer (filtered): anchor first
+        [0.3, 0.2, 0.8, 0.1, 0.6],  # anchor 1, target 4: 0.3, 0.8, 0.6 above it -> rank 4
+        [0.9, 0.5, 0.5, 0.5, 0.1],  # anchor 3 = target 3, 0 filtered: ties with 1 and 2 -> 1..3 -> 2
+        [0.1, 0.2, 0.7, 0.9, 0.0],  # anchor 2 is a known answer, kept; target 0; only 3 above -> 2
+    ])
+    anchors, targets = torch.tensor([0, 1, 3, 2]), torch.tensor([2, 4, 3, 0])
+    known = torch.zeros(4, 5, dtype=torch.bool)
+    known[0, [2, 3]] = True
+    known[1, 4] = True
+    known[2, [0, 3]] = True
+    known[3, [0, 2]] = True
+    ranks = anchor_ranks(scores, anchors, targets, known)
+    assert ranks["optimistic"].tolist() == [1, 4, 1, 2]
+    assert ranks["pessimistic"].tolist() == [1, 4, 3, 2]
+    assert ranks["realistic"].tolist() == [1, 4, 2, 2]
+    assert ranks["candidates"].tolist() == [4, 5, 4, 5]
+    assert known[3, 2] and known[0, 2]  # the caller's mask is not modified
+
+    acc = RankAccumulator()
+    acc.add(compute_ranks(scores[:2], targets[:2], known[:2]), torch.tensor([0, 1]), [0, 0],
+            anchor=anchor_ranks(scores[:2], anchors[:2], targets[:2], known[:2]))
+    acc.add(compute_ranks(scores[2:], targets[2:], known[2:]), torch.tensor([0, 1]), [1, 1],
+            anchor=anchor_ranks(scores[2:], anchors[2:], targets[2:], known[2:]))
+    m = acc.metrics(relation_names=["r0", "r1"])
+    assert m["anchor_rank"] == {"mean_rank": 2.25, "first": 0.25, "count": 4,
+                                "tail": {"mean_rank": 1.5, "first": 0.5, "count": 2},
+                                "head": {"mean_rank": 3.0, "first": 0.0, "count": 2}}
+    rel = m["per_relation"]
+    assert rel["r0"]["tail"]["anchor_rank"] == {"mean_rank": 1.0, "first": 1.0, "count": 1}
+    assert rel["r0"]["head"]["anchor_rank"] == {"mean_rank": 4.0, "first": 0.0, "count": 1}
+    assert rel["r1"]["tail"]["anchor_rank"] == {"mean_rank": 2.0, "first": 0.0, "count": 1}
+    assert rel["r1"]["head"]["anchor_rank"] == {"mean_rank": 2.0, "first": 0.0, "count": 1}
+    # The target's ranks are those of compute_ranks, whatever the anchor ranks.
+    assert m["mr"] == summarize(compute_ranks(scores, targets, known))["mr"]
+    assert acc.ranks()["anchor"].tolist() == [1, 4, 2, 2]
+
+    plain = RankAccumulator()
+    plain.add(compute_ranks(scores, targets, known), 0, [0] * 4)
+    assert "anchor_rank" not in plain.metrics() and "anchor" not in plain.ranks()
+    with pytest.raises(ValueError, match="every batch or for none"):
+        plain.add(compute_ranks(scores, targets, known), 0, [0] * 4, anchor=anchor_ranks(scores, anchors, targets))

@@ -1,7 +1,9 @@
 """elmm.experiments reads `dvc exp show --json` rows into the ablation table and sweep points."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from elmm.experiments import load_experiments, markdown_table, queue_commands, seed_table, sweep_rows
@@ -86,12 +88,44 @@ def test_seed_table_groups_replicates_and_selects_a_side():
 def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
     from elmm.experiments import queue_commands
 
-    cmds = queue_commands("prune.k=range(0,9,2)")
+    cmds = queue_commands("prune.k=range(0,9,2)", half_layers=16)
     overrides = {c[c.index("-S") + 1] for c in cmds}
     assert {"model.mvtc.image_view=false", "model.mvtc.text_view=false", "model.mvtc.enabled=false", "prune.k=0",
             "prune.compensation=none", "prune.init=zero", "model.head=lm_head", "train.max_steps=0",
-            "prune.k=range(0,9,2)"} <= overrides
+            "train.self_denoise=false", "prune.k=range(0,9,2)"} <= overrides
     assert all(c[:4] == ["dvc", "exp", "run", "--queue"] for c in cmds)
+    # the compensation methods at K = L/2
+    half = {c[c.index("-n") + 1]: c[c.index("-n") + 2:] for c in cmds if "-n" in c and c[c.index("-n") + 1].startswith("half-")}
+    assert half == {
+        "half-ridge": ["-S", "prune.k=16", "-S", "prune.compensation=ridge", "-S", "prune.init=closed_form"],
+        "half-paper": ["-S", "prune.k=16", "-S", "prune.compensation=paper", "-S", "prune.init=closed_form"],
+        "half-none": ["-S", "prune.k=16", "-S", "prune.compensation=none"],
+        "half-zero-init": ["-S", "prune.k=16", "-S", "prune.compensation=ridge", "-S", "prune.init=zero"]}
+    with pytest.raises(SystemExit, match="--layers"):
+        queue_commands(None, only=["half-paper"])
+
+
+def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
+    """At the default K = L/2 (ridge, closed form), half-ridge is the baseline and the other half-*
+    runs repeat paper-wc, no-linear and no-init: only the distinct runs are queued."""
+    import yaml
+
+    from elmm.experiments import LR_SWEEP
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    said = []
+    cmds = queue_commands(None, half_layers=base["model"]["tiny"]["layers"] // 2, base_params=base, say=said.append)
+    names = [c[c.index("-n") + 1] for c in cmds]
+    assert not any(n.startswith("half-") for n in names) and "no-self-denoise" in names
+    assert said == ["skipping half-ridge: the same params as the baseline",
+                    "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
+                    "skipping half-zero-init: the same params as no-init"]
+    # A baseline at another K queues them.
+    other = queue_commands(None, half_layers=4, base_params={**base, "prune": {**base["prune"], "k": 2}})
+    assert sum(c[c.index("-n") + 1].startswith("half-") for c in other) == 4
+    # The paper's lr grid, as one queued sweep (Hydra's comma list).
+    (lr,) = queue_commands(LR_SWEEP, only=["full"])
+    assert lr == ["dvc", "exp", "run", "--queue", "-S", "train.lr=1e-4,2e-4,3e-4,5e-4,8e-4,1e-3"]
 
 
 def test_queue_replicates_over_seeds():
@@ -103,3 +137,109 @@ def test_queue_replicates_over_seeds():
     assert cmds[4][-4:] == ["-S", "prune.k=range(0,9,2)", "-S", "seed=1"]
     with pytest.raises(SystemExit, match="unknown ablation"):
         queue_commands(None, only=["no-such-thing"])
+
+
+# ---------------------------------------------------------------------------- paired comparisons
+def test_paired_differences_by_hand():
+    """Reciprocal-rank and Hits@1 differences of 3 queries (realistic ranks, a - b)."""
+    from elmm.experiments import paired_differences
+
+    keys = {"query": np.arange(3), "relation": np.array([0, 0, 1]), "direction": np.array(["tail", "head", "tail"]),
+            "anchor": np.array([5, 6, 7]), "target": np.array([1, 2, 3])}
+    a = {**keys, "rank": np.array([1.0, 2.0, 4.0])}
+    b = {**keys, "rank": np.array([2.0, 2.0, 1.0])}
+    d = paired_differences(a, b)
+    assert d["mrr"].tolist() == [0.5, 0.0, -0.75]
+    assert d["hits_at_1"].tolist() == [1.0, 0.0, -1.0]
+    other = {**b, "target": np.array([1, 2, 4])}  # another world: not the same queries
+    with pytest.raises(ValueError, match="'target'"):
+        paired_differences(a, other)
+
+
+def _independent_bootstrap(diffs_by_seed, resamples, seed, block=100):
+    """The same resampling written out resample by resample, and the percentiles by hand."""
+    rng = np.random.default_rng(seed)
+    total = sum(len(d) for d in diffs_by_seed)
+    means = []
+    for lo in range(0, resamples, block):
+        rows = min(block, resamples - lo)
+        draws = [rng.integers(0, len(d), (rows, len(d))) for d in diffs_by_seed]
+        for r in range(rows):
+            pooled = [d[i] for d, idx in zip(diffs_by_seed, draws) for i in idx[r]]
+            means.append(sum(pooled) / total)
+    means.sort()
+
+    def percentile(q):
+        pos = q / 100 * (len(means) - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, len(means) - 1)
+        return means[lo] + (pos - lo) * (means[hi] - means[lo])
+
+    return percentile(2.5), percentile(97.5)
+
+
+def test_bootstrap_interval_hand_computed_and_independent():
+    from elmm.experiments import bootstrap_interval
+
+    # 3 queries with differences 0, 1, 2: the mean is 1; a resample of all 0s (or all 2s) has
+    # probability 1/27 > 2.5%, so the 95% interval is exactly [0, 2].
+    assert bootstrap_interval([np.array([0.0, 1.0, 2.0])]) == (1.0, 0.0, 2.0)
+    # All differences equal: a zero-width interval at that value.
+    assert bootstrap_interval([np.full(5, 0.25), np.full(3, 0.25)]) == (0.25, 0.25, 0.25)
+    # Two seeds pooled (resampled within each seed): the same numbers as an independent computation.
+    diffs = [np.array([0.5, 0.0, -0.75, 0.2]), np.array([1.0, -0.5, 0.1])]
+    mean, low, high = bootstrap_interval(diffs, resamples=500, seed=3)
+    assert mean == pytest.approx(np.concatenate(diffs).mean())
+    assert (low, high) == pytest.approx(_independent_bootstrap(diffs, 500, 3), abs=1e-12)
+    assert low < mean < high
+    assert bootstrap_interval(diffs, resamples=500, seed=3) == (mean, low, high)  # fixed RNG seed: reproducible
+
+
+def _rank_table(ranks, target_shift=0):
+    n = len(ranks)
+    return {"query": np.arange(n), "relation": np.zeros(n, dtype=int), "direction": np.array(["tail"] * n),
+            "anchor": np.arange(n), "target": np.arange(n) + target_shift, "rank": np.array(ranks, dtype=float)}
+
+
+def test_seed_table_with_baseline_prints_the_paired_difference():
+    """--baseline: next to each group's MRR and Hits@1, the bootstrap difference to the baseline
+    group, paired by seed (each seed its own world: the queries differ between seeds)."""
+    from elmm.experiments import bootstrap_interval
+
+    show = json.loads(json.dumps(SHOW))
+    show[1]["experiments"] = [{"revs": [_rev("k0", 0, 0.6)]}, {"revs": [_rev("k0-s1", 0, 0.7, seed=1)]},
+                              {"revs": [_rev("full-s1", 4, 0.4, seed=1)]}, {"revs": [_rev("k8-s2", 8, 0.1, seed=2)]}]
+    rows = load_experiments(json.dumps(show))
+    assert {r["name"]: r["rev"] for r in rows}["k0-s1"] == "k0-s1-rev"
+    tables = {"main-rev": _rank_table([1, 2, 4]), "full-s1-rev": _rank_table([2, 1], target_shift=5),
+              "k0-rev": _rank_table([1, 1, 2]), "k0-s1-rev": _rank_table([1, 3], target_shift=5),
+              "k8-s2-rev": _rank_table([9, 9])}
+    read = lambda row: tables[row["rev"]]  # noqa: E731
+    table = seed_table(rows, relations=False, baseline="main", read=read, resamples=200)
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[3:7] == ["mrr", "Δmrr vs main (95% CI)", "mr", "hits_at_1"]
+    assert lines[0].split(" | ")[7] == "Δhits_at_1 vs main (95% CI)"
+    by_name = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines[2:]}
+    assert by_name["main"][4] == "(baseline)" and by_name["main"][7] == "(baseline)"
+    # k0 - main: seed 0 RR [1, 1, .5] - [1, .5, .25]; seed 1 RR [1, 1/3] - [.5, 1]
+    rr = [np.array([0.0, 0.5, 0.25]), np.array([0.5, 1 / 3 - 1])]
+    hits = [np.array([0.0, 1.0, 0.0]), np.array([1.0, -1.0])]
+    mrr_cell = "{:+.4f} [{:+.4f}, {:+.4f}]".format(*bootstrap_interval(rr, 200))
+    hits_cell = "{:+.4f} [{:+.4f}, {:+.4f}]".format(*bootstrap_interval(hits, 200))
+    assert by_name["k0"][4] == mrr_cell and by_name["k0"][7] == hits_cell
+    assert by_name["k8"][4] == "- (no common seed)"
+    with pytest.raises(SystemExit, match="no experiment group named 'nope'"):
+        seed_table(rows, baseline="nope", read=read)
+
+
+def test_rank_table_round_trip(tmp_path):
+    from elmm.rank_table import COLUMNS, read_rank_table, write_rank_table
+
+    write_rank_table(tmp_path / "r.csv", [3, 0], [0, 1], [17, 4], [52, 9], [2.5, 14540.5], [2, 14000], [3, 14081])
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines == [",".join(COLUMNS), "0,3,tail,17,52,2.5,2,3", "1,0,head,4,9,14540.5,14000,14081"]
+    table = read_rank_table(tmp_path / "r.csv")
+    assert table["rank"].tolist() == [2.5, 14540.5] and table["direction"].tolist() == ["tail", "head"]
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected the header"):
+        read_rank_table(tmp_path / "bad.csv")

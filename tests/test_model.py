@@ -41,7 +41,7 @@ def reference_view(view: MVTCView, query: torch.Tensor, tokens: torch.Tensor, ma
         wk = view.k.weight[i * hd:(i + 1) * hd]
         q = layer_norm(query, view.query_norm) @ wq.T  # [B, d]
         k = layer_norm(tokens, view.token_norm) @ wk.T  # [B, T, d]
-        v = tokens @ view.v[i]  # [B, T, D]: per-head value of every token
+        v = tokens @ value_matrix(view, i)  # [B, T, D]: per-head value of every token
         head_out = torch.zeros(b, dim)
         head_w = torch.zeros(b, t)
         for r in range(b):
@@ -57,11 +57,21 @@ def reference_view(view: MVTCView, query: torch.Tensor, tokens: torch.Tensor, ma
     return torch.stack(outs, 1), torch.stack(weights, 1)
 
 
-def random_view(dim: int, heads: int) -> MVTCView:
+def value_matrix(view: MVTCView, head: int) -> torch.Tensor:
+    """W_i^V [D, D] of head `head`, written out for each `view.value`."""
+    if view.value == "per_head":
+        return view.v[head]
+    if view.value == "shared":
+        return view.v
+    return torch.eye(view.value_u.shape[1]) + view.value_u[head] @ view.value_v[head].T
+
+
+def random_view(dim: int, heads: int, value: str = "per_head") -> MVTCView:
     """An MVTCView with non-identity value matrices, so the value projection is really exercised."""
-    view = MVTCView(dim, heads)
+    view = MVTCView(dim, heads, value, rank=3)
     with torch.no_grad():
-        view.v.copy_(torch.randn_like(view.v) / math.sqrt(dim))
+        for v in (p for n, p in view.named_parameters() if n in ("v", "value_u", "value_v")):
+            v.copy_(torch.randn_like(v) / math.sqrt(dim))
         for ln in (view.query_norm, view.token_norm):  # non-trivial affines, so the reference checks them
             ln.weight.copy_(1 + 0.3 * torch.randn_like(ln.weight))
             if ln.bias is not None:
@@ -148,11 +158,13 @@ def test_mvtc_all_masked_row_is_zero_and_finite() -> None:
     assert_close(tokens.grad[0], torch.zeros(4, 8), **EXACT)
 
 
+@pytest.mark.parametrize("value", ["per_head", "shared", "low_rank"])
 @pytest.mark.parametrize("heads", [1, 2, 4])
-def test_mvtc_pool_then_project_matches_explicit_formula(heads: int) -> None:
-    """Head i equals softmax(q W_i^Q (I W_i^K)^T / sqrt(d)) I W_i^V with V applied per token."""
+def test_mvtc_pool_then_project_matches_explicit_formula(heads: int, value: str) -> None:
+    """Head i equals softmax(q W_i^Q (I W_i^K)^T / sqrt(d)) I W_i^V with V applied per token, for
+    every form of W_i^V (per head, shared, identity + U_i V_i^T)."""
     torch.manual_seed(4 + heads)
-    view = random_view(16, heads)
+    view = random_view(16, heads, value)
     query, tokens = torch.randn(4, 16), torch.randn(4, 9, 16)
     mask = torch.rand(4, 9) > 0.3
     mask[:, 0] = True
@@ -173,6 +185,28 @@ def test_mvtc_value_projection_starts_as_identity() -> None:
     assert weights.shape == (1, 2, 3)
     # every head lies in the convex hull of the tokens: per-dim within [min, max]
     assert torch.all(out <= tokens.amax(1, keepdim=True) + 1e-6) and torch.all(out >= tokens.amin(1, keepdim=True) - 1e-6)
+
+
+def test_mvtc_value_forms_start_equal_and_have_their_sizes() -> None:
+    """The shared and low_rank value maps start as the identity too: with the same seed, all three views compute
+    the same output at init; their value parameters are H D^2, D^2 and 2 H D r."""
+    dim, heads, rank = 8, 2, 3
+    query, tokens = torch.randn(2, dim), torch.randn(2, 5, dim)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    outs, sizes = {}, {}
+    for value in MVTCView.VALUES:
+        torch.manual_seed(7)
+        view = MVTCView(dim, heads, value, rank)
+        with torch.no_grad():
+            outs[value] = view(query, tokens, mask)
+        sizes[value] = sum(p.numel() for n, p in view.named_parameters() if n in ("v", "value_u", "value_v"))
+    assert_close(outs["shared"], outs["per_head"], **EXACT)
+    assert_close(outs["low_rank"], outs["per_head"], **EXACT)
+    assert sizes == {"per_head": heads * dim * dim, "shared": dim * dim, "low_rank": 2 * heads * dim * rank}
+    view = MVTCView(dim, heads, "low_rank", rank)
+    assert torch.count_nonzero(view.value_v) == 0 and torch.count_nonzero(view.value_u) > 0
+    with pytest.raises(ValueError, match=r"model\.mvtc\.value"):
+        MVTCView(dim, heads, "diagonal")
 
 
 # ---------------------------------------------------------------------------------------- masked max
@@ -347,3 +381,114 @@ def test_scores_do_not_depend_on_batch_mates(micro_workspace, mvtc) -> None:
         batched = forward_batch(model, make_batch(ws, q)).scores
         single = torch.cat([forward_batch(model, make_batch(ws, q.subset(slice(i, i + 1)))).scores for i in range(5)])
     assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- text-view query, E_entity
+def _hand_prompt(tokenizer) -> tuple[PromptBuilder, list[int]]:
+    """Two entities (names of several tokens, a description) and one relation."""
+    names, descs = ["Ada Lovelace", "Bo"], ["a painter of the world", ""]
+    prompts = PromptBuilder(tokenizer, names, descs, ["has colour"], max_text_tokens=8)
+    return prompts, tokenizer(" entity: Ada Lovelace", add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_marks_the_entity_name_and_the_relation_phrase(micro_backbone) -> None:
+    """query_mask covers the name and the relation phrase ("inverse of ..." for head queries), not the
+    template words nor the description; name_pos is the name's last token; the ids are unchanged."""
+    tok = micro_backbone.tokenizer
+    prompts, name_ids = _hand_prompt(tok)
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    text = prompts.build(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0]), torch.tensor([TAIL, HEAD, TAIL]))
+    desc = ids(" , a painter of the world")[:8]
+    assert text.ids[0, : text.mask[0].sum()].tolist() == name_ids + desc + ids(" relation: has colour")
+    assert text.ids[1, : text.mask[1].sum()].tolist() == name_ids + desc + ids(" relation: inverse of has colour")
+    assert text.entity_pos.tolist() == [len(name_ids) + len(desc) - 1] * 2 + [len(ids(" entity: Bo")) - 1]
+    assert text.name_pos.tolist() == [len(name_ids) - 1] * 2 + [len(ids(" entity: Bo")) - 1]
+
+    def marked(i, lo, hi):  # the marked text of row i within [lo, hi), spaces dropped (a lone leading
+        # space token before a phrase is the template's, not the phrase's)
+        sel = text.query_mask[i, lo:hi]
+        return "".join(tok.decode(text.ids[i, lo:hi][sel].tolist()).split())
+
+    ends = text.entity_len.tolist()
+    assert [marked(i, 0, ends[i]) for i in range(3)] == ["AdaLovelace", "AdaLovelace", "Bo"]
+    assert [marked(i, ends[i], text.ids.shape[1]) for i in range(3)] == ["hascolour", "inverseofhascolour", "hascolour"]
+    assert not (text.query_mask & ~text.mask).any()
+    # the template words and the description are outside the mask
+    assert not text.query_mask[0, : len(ids(" entity:"))].any()
+    assert not text.query_mask[0, len(name_ids): len(name_ids) + len(desc) + len(ids(" relation:"))].any()
+
+
+def _text_query(model: ELMM, ws, batch: dict, perturb: torch.Tensor | None = None) -> torch.Tensor:
+    """The text view's query X_t [B, D] for `batch`, with `perturb` [B, L] positions' token embeddings
+    shifted by a large random vector."""
+    captured = {}
+    handle = model.text_view.register_forward_pre_hook(lambda m, args: captured.update(q=args[0].clone()))
+    embed = ws.backbone.embed_tokens
+
+    def shifted(ids):
+        e = embed(ids)
+        if perturb is not None:
+            e = e + perturb[..., None] * torch.randn(e.shape, generator=torch.Generator().manual_seed(5)) * 10
+        return e
+
+    try:
+        ws.backbone.embed_tokens = shifted
+        with torch.no_grad():
+            forward_batch(model, batch)
+    finally:
+        del ws.backbone.embed_tokens
+        handle.remove()
+    return captured["q"]
+
+
+def test_entity_relation_query_pools_only_name_and_relation_tokens(micro_workspace) -> None:
+    """text_query=entity_relation: perturbing any other token's embedding (template, description)
+    leaves X_t unchanged; perturbing a name token or a relation token changes it. The prompt query
+    (default) changes with a description token."""
+    ws = micro_workspace
+    q = _queries(ws, 3)
+    batch = make_batch(ws, q)
+    text = batch["text"]
+    models = {}
+    for query in ("prompt", "entity_relation"):
+        torch.manual_seed(0)
+        models[query] = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, text_query=query)).eval()
+    model = models["entity_relation"]
+    base = _text_query(model, ws, batch)
+    others = text.mask & ~text.query_mask
+    assert others.any(dim=1).all()
+    assert_close(_text_query(model, ws, batch, others.float()), base, **EXACT)
+    name_token = torch.zeros_like(text.mask).scatter(1, text.name_pos[:, None], True)
+    assert ((_text_query(model, ws, batch, name_token.float()) - base).abs().amax(dim=1) > 1e-3).all()
+    relation_token = torch.zeros_like(text.mask).scatter(1, text.relation_pos[:, None], True)
+    assert ((_text_query(model, ws, batch, relation_token.float()) - base).abs().amax(dim=1) > 1e-3).all()
+    # The default query pools the whole prompt: a description token moves it.
+    prompt_base = _text_query(models["prompt"], ws, batch)
+    assert ((_text_query(models["prompt"], ws, batch, others.float()) - prompt_base).abs().amax(dim=1) > 1e-3).all()
+
+
+@pytest.mark.parametrize("readout", ["segment_end", "name_end"])
+def test_entity_readout_position(micro_workspace, readout) -> None:
+    """E_entity (the middle third of E_m) is the decoder's last hidden state at the entity segment's
+    last token (default) or at the name's last token (name_end), offset by <s> and the image block."""
+    ws = micro_workspace
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_readout=readout)).eval()
+    batch = make_batch(ws, _queries(ws, 4))
+    text = batch["text"]
+    assert (text.name_pos < text.entity_pos).all()  # the synthetic entities have descriptions
+    seen = {}
+    hooks = [ws.backbone.decoder.register_forward_hook(lambda m, a, out: seen.update(h=out.last_hidden_state)),
+             model.completion.proj.register_forward_pre_hook(lambda m, args: seen.update(e=args[0]))]
+    try:
+        with torch.no_grad():
+            out = forward_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    d, p = ws.backbone.hidden_size, out.image_tokens
+    pos = text.entity_pos if readout == "segment_end" else text.name_pos
+    assert_close(seen["e"][:, d:2 * d], seen["h"][torch.arange(len(pos)), 1 + p + pos], **EXACT)

@@ -125,7 +125,13 @@ def test_metrics_files_have_the_documented_keys(repo):
         assert set(pre[weights]["caption_accuracy"]) == {"size", "colour", "shape", "mark", "backdrop"}
         assert len(pre[weights]["rise_without_layer_attention"]) == 4
     sim = json.loads((path / "metrics/similarity.json").read_text())
-    assert len(sim["similarity"]) == 4 and sorted(sim["ranking"]) == [0, 1, 2, 3]
+    assert sorted(sim["ranking"]) == [0, 1, 2, 3] and sim["ranked_by"] == "residual"
+    for curves in (sim["backbone"], sim["random_init"]):
+        assert len(curves["residual"]) == len(curves["attention"]) == 4
+    assert sim["ranking"] == sorted(range(4), key=lambda i: (-sim["backbone"]["residual"][i], i))
+    assert sim["random_init"]["residual"] != sim["backbone"]["residual"]
+    header = (path / "metrics/plots/similarity.csv").read_text().splitlines()[0]
+    assert header == "layer,residual,attention,residual_random_init,attention_random_init"
     cal = json.loads((path / "metrics/calibrate.json").read_text())
     assert cal["layers"] == sorted(sim["ranking"][:2])
     assert {"ridge", "paper"} <= set(cal["total"])
@@ -162,9 +168,23 @@ def test_exp_run_with_override_is_listed_by_exp_show(repo):
     run(["git", "commit", "-qm", "baseline results"], path, env)
     out = run(dvc + ["exp", "run", "-S", "train.lr=2e-3"], path, env)  # a value not in the run cache
     assert stages_run(out) == ["train", "evaluate"]
-    rows = json.loads(run(dvc + ["exp", "show", "--json"], path, env))
-    text = json.dumps(rows)
+    show = run(dvc + ["exp", "show", "--json"], path, env)
+    text = json.dumps(json.loads(show))
     assert '"lr": 0.002' in text and "hits_at_10" in text
+    # Every experiment commit carries its per-query ranks, readable with `git show`.
+    from elmm.experiments import load_experiments
+
+    rows = {r["params"]["train"]["lr"]: r for r in load_experiments(show[show.index("["):])}
+    exp_ranks = run(["git", "show", f"{rows[0.002]['rev']}:metrics/ranks/test.csv"], path, env)
+    base_ranks = run(["git", "show", f"{rows[3e-4]['rev']}:metrics/ranks/test.csv"], path, env)
+    header = "query,relation,direction,anchor,target,rank,optimistic,pessimistic"
+    assert exp_ranks.splitlines()[0] == base_ranks.splitlines()[0] == header
+    assert [r.split(",")[:5] for r in exp_ranks.splitlines()] == [r.split(",")[:5] for r in base_ranks.splitlines()]
+    # ... which the paired comparison reads (same seed: the same test queries).
+    table = run([sys.executable, "-m", "elmm.experiments", "table", "--by-seed", "--baseline", rows[3e-4]["name"],
+                 "--resamples", "200", "--no-relations"], path, {**env, "PYTHONPATH": str(path / "src")})
+    line = next(ln for ln in table.splitlines() if "train.lr=0.002" in ln)
+    assert re.search(r"\| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] \|", line), table
 
 
 @pytest.mark.integration

@@ -95,6 +95,20 @@ def test_stage_deps_are_exactly_its_import_closure(name: str) -> None:
     assert not listed - needed, f"dvc.yaml stage {name!r} lists code it never imports: {rel(listed - needed)}"
 
 
+@pytest.mark.parametrize("script", sorted(STAGES.glob("[!_]*.py")), ids=lambda p: p.stem)
+def test_stages_import_common_before_the_library(script: Path) -> None:
+    """`_common` puts this checkout's src/ first on sys.path; an `elmm` import before it would load the
+    package from wherever `pip install -e` points (another checkout's code in a queued experiment)."""
+    order = []
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.Import):
+            order += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            order.append(node.module.split(".")[0])
+    assert "_common" in order, script
+    assert "elmm" not in order[: order.index("_common")], f"{script.name} imports elmm before _common"
+
+
 def test_evaluate_does_not_import_the_training_loop() -> None:
     assert SRC / "elmm" / "training.py" not in import_closure(STAGES / "evaluate.py")
 
@@ -106,7 +120,7 @@ def test_config_defaults_agree_with_params_yaml() -> None:
 
 def _entry_points() -> list[list[str]]:
     stages = [[sys.executable, str(s)] for s in sorted(STAGES.glob("[!_]*.py"))]
-    modules = [[sys.executable, "-m", m] for m in ("elmm.experiments", "elmm.predict")]
+    modules = [[sys.executable, "-m", m] for m in ("elmm.experiments", "elmm.predict", "elmm.param_count")]
     return stages + modules
 
 

@@ -191,15 +191,23 @@ def test_pruned_layer_with_compensation_formula(load_micro_backbone, micro_backb
 
 # ---------------------------------------------------------------------------------------- similarity
 def test_measure_similarity_matches_hand_computation(micro_backbone, batches) -> None:
-    """Per-layer mean cosine(x, x + attn) over real tokens of all batches, padding excluded."""
+    """Per-layer mean cosine over real tokens of all batches, padding excluded, read two ways:
+    residual = cos(x, x + attn(LN1(x))), attention = cos(LN1(x), attn(LN1(x)))."""
     bb = micro_backbone
-    sims = measure_similarity(bb.layers, runner(bb), batches)
-    assert len(sims) == bb.num_layers
-    assert all(-1.0 <= s <= 1.0 for s in sims)
+    all_sims = measure_similarity(bb.layers, runner(bb), batches)
+    assert set(all_sims) == {"residual", "attention"}
+    sims = all_sims["residual"]
+    assert len(sims) == len(all_sims["attention"]) == bb.num_layers
+    assert all(-1.0 <= s <= 1.0 for v in all_sims.values() for s in v)
 
-    # Independent capture: x = input of input_layernorm, x + attn = input of post_attention_layernorm.
-    sums = torch.zeros(bb.num_layers, dtype=torch.float64)
+    # Independent capture: x = input of input_layernorm, x + attn = input of post_attention_layernorm;
+    # LN1(x) recomputed from x with the layer's own norm.
+    sums = {k: torch.zeros(bb.num_layers, dtype=torch.float64) for k in all_sims}
     count = 0
+
+    def cos(a, b):
+        return (a * b).sum(-1).div(a.norm(dim=-1) * b.norm(dim=-1)).sum()
+
     for batch in batches:
         mods = {}
         for i, layer in enumerate(bb.layers):
@@ -208,12 +216,16 @@ def test_measure_similarity_matches_hand_computation(micro_backbone, batches) ->
         vals = capture(bb, batch, mods)
         m = batch["decoder_mask"]
         for i in range(bb.num_layers):
-            x, h = vals[("x", i)][m].double(), vals[("h", i)][m].double()
-            sums[i] += (x * h).sum(-1).div(x.norm(dim=-1) * h.norm(dim=-1)).sum()
+            x, h = vals[("x", i)].double(), vals[("h", i)].double()
+            with torch.no_grad():
+                normed = bb.layers[i].input_layernorm(vals[("x", i)]).double()
+            sums["residual"][i] += cos(x[m], h[m])
+            sums["attention"][i] += cos(normed[m], (h - x)[m])
         count += int(m.sum())
-    expected = (sums / count).tolist()
     assert count == 12 + 9 + 12 + 5 + 10 + 10 + 7  # token-weighted over all batches
-    assert sims == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for k in all_sims:
+        assert all_sims[k] == pytest.approx((sums[k] / count).tolist(), rel=1e-5, abs=1e-5), k
+    assert all_sims["attention"] != pytest.approx(sims, abs=1e-3)  # two different readings
 
     # Padding really is excluded: garbage in padded positions does not change the result.
     noisy = []
@@ -223,7 +235,9 @@ def test_measure_similarity_matches_hand_computation(micro_backbone, batches) ->
         e[~batch["decoder_mask"]] = torch.randn(int((~batch["decoder_mask"]).sum()), bb.hidden_size) * 50
         b["embeds"] = e
         noisy.append(b)
-    assert measure_similarity(bb.layers, runner(bb), noisy) == pytest.approx(sims, rel=1e-5, abs=1e-6)
+    noisy_sims = measure_similarity(bb.layers, runner(bb), noisy)
+    for k in all_sims:
+        assert noisy_sims[k] == pytest.approx(all_sims[k], rel=1e-5, abs=1e-6)
 
 
 def test_rank_layers_most_similar_first_ties_by_index() -> None:
@@ -327,3 +341,23 @@ def test_calibrate_init_zero_and_method_none(load_micro_backbone, batches) -> No
     assert isinstance(bb2.layers[1], PrunedDecoderLayer)
     assert bb2.layers[1].compensation is None and res2.weight is None
     assert not any("compensation" in n for n, _ in bb2.model.named_parameters())
+
+
+def test_similarity_stage_writes_both_readings_and_a_random_init_control(make_project, run_stage) -> None:
+    """The stage ranks by prune.similarity, and writes both readings for the backbone and the
+    random-init control to the metrics, the plot CSV and the file calibrate reads."""
+    import json
+
+    project = make_project({"prune": {"k": 1, "samples": 8, "batch_size": 4, "similarity": "attention"}})
+    run_stage("similarity", project)
+    sim = json.loads((project / "metrics/similarity.json").read_text())
+    assert json.loads((project / "data/pruning/similarity.json").read_text()) == sim
+    assert sim["ranked_by"] == "attention" and sim["samples"] == 8
+    assert sim["ranking"] == rank_layers(sim["backbone"]["attention"])
+    for curves in (sim["backbone"], sim["random_init"]):
+        assert set(curves) >= {"residual", "attention"} and all(len(v) == 3 for k, v in curves.items() if k != "seed")
+    assert sim["random_init"]["residual"] != sim["backbone"]["residual"]
+    rows = (project / "metrics/plots/similarity.csv").read_text().splitlines()
+    assert rows[0] == "layer,residual,attention,residual_random_init,attention_random_init"
+    assert rows[2].split(",") == ["1", *(str(sim[w][k][1]) for w in ("backbone", "random_init")
+                                         for k in ("residual", "attention"))]

@@ -20,10 +20,23 @@ def test_ranking_does_not_depend_on_the_query_batch_size(micro_workspace) -> Non
     kg = micro_workspace.kg
     queries = queries_from_triples(kg.triples["test"])
     filters = FilterIndex(kg.all_triples(), kg.num_entities)
-    results = [evaluate_ranking(model, micro_workspace, queries, filters, b, progress=False).metrics
-               for b in (1, 5, len(queries))]
+    forwards = []
+    handle = model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        passes = [evaluate_ranking(model, micro_workspace, queries, filters, b, progress=False) for b in (1, 5, len(queries))]
+    finally:
+        handle.remove()
+    results = [r.metrics for r in passes]
     assert results[0] == results[1] == results[2]
     assert results[0]["count"] == len(queries) == 40
+    # One forward per chunk: the anchors' ranks come from the same scores, not a second pass.
+    assert len(forwards) == 40 + 8 + 1
+    assert results[0]["anchor_rank"]["count"] == 40
+    # Per-query ranks in the order of the queries, whatever the chunking.
+    for r in passes[1:]:
+        assert all(torch.equal(r.ranks[k], passes[0].ranks[k]) for k in passes[0].ranks)
+    assert torch.equal(passes[0].ranks["direction"], queries.directions)
+    assert torch.equal(passes[0].ranks["relation"], queries.relations)
 
 
 @pytest.mark.parametrize("head", ["completion", "lm_head"])

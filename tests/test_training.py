@@ -209,6 +209,12 @@ def test_mismatching_checkpoint_is_ignored(make_project, run_stage, capsys) -> N
     assert "resuming" not in out
     summary = json.loads((project / "metrics/train/metrics.json").read_text())
     assert summary["steps"] == 4 and summary["train"]["lr"] == pytest.approx(0.0)
+    # The summary carries the trainable parameters per component (elmm.param_count).
+    counts = summary["parameters"]
+    saved = json.loads((project / "data/model/config.json").read_text())
+    assert {"mvtc_text", "mvtc_image", "completion", "lora", "compensation"} <= set(counts)
+    assert counts["trainable"] == saved["trainable_parameters"] == saved["parameters"]["trainable"]
+    assert counts["trainable"] == sum(v for k, v in counts.items() if k not in ("trainable", "frozen"))
 
 
 def test_checkpoint_every_does_not_change_the_fingerprint(micro_env) -> None:
@@ -271,3 +277,28 @@ def test_evaluate_json_has_every_field(fresh) -> None:
     assert info["files"] == ["entities.faiss", "entities-hnsw.faiss"] and info["bias_folded"]
     train = json.loads((fresh("uniform") / "metrics/train/metrics.json").read_text())
     assert train["steps"] == 20 and train["epochs"] == 2 and "valid" in train
+
+
+def test_evaluate_writes_the_per_query_ranks(fresh, micro_env) -> None:
+    """metrics/ranks/test.csv: one row per test query in queries_from_triples order, whose ranks give
+    evaluate.json's MRR and Hits@1, with the anchor-rank summary beside them."""
+    from elmm.kg.format import load_kg
+    from elmm.kg.queries import queries_from_triples
+    from elmm.rank_table import COLUMNS, read_rank_table
+
+    project = fresh("uniform")
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    lines = (project / "metrics/ranks/test.csv").read_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS)
+    table = read_rank_table(project / "metrics/ranks/test.csv")
+    q = queries_from_triples(load_kg(micro_env.kg_dir).triples["test"])
+    assert table["query"].tolist() == list(range(len(q))) == list(range(ev["queries"]))
+    assert table["anchor"].tolist() == q.anchors.tolist() and table["target"].tolist() == q.targets.tolist()
+    assert table["relation"].tolist() == q.relations.tolist()
+    assert table["direction"].tolist() == ["tail" if d == 0 else "head" for d in q.directions.tolist()]
+    assert (table["rank"] == (table["optimistic"] + table["pessimistic"]) / 2).all()
+    assert (1 / table["rank"]).mean() == pytest.approx(ev["mrr"], abs=1e-6)
+    assert (table["rank"] <= 1).mean() == pytest.approx(ev["hits_at_1"], abs=1e-6)
+    assert ev["anchor_rank"]["count"] == ev["queries"] and 0 <= ev["anchor_rank"]["first"] <= 1
+    some = next(iter(ev["per_relation"].values()))
+    assert "anchor_rank" in some.get("tail", some.get("head"))

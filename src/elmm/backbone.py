@@ -304,6 +304,27 @@ def build_tiny_backbone(out_dir: str | Path, tiny: TinyBackboneParams, texts: li
                                       "pretrained": False})
 
 
+def random_init_copy(backbone: Backbone, seed: int) -> Backbone:
+    """The same architecture as `backbone` with freshly initialised weights (`seed`), in the same dtype.
+
+    A control for analyses that depend on what the weights learned (the similarity curves): built
+    from the loaded model's config with `_from_config` (the model's own initialisation), on the CPU,
+    sharing the tokenizer and image processor. The global torch RNG is left as it was.
+    """
+    import copy
+
+    model = backbone.model
+    config = copy.deepcopy(model.config)  # _from_config writes the dtype into the config it gets
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)._from_config(config, dtype=dtype)
+    fresh.eval()
+    fresh.requires_grad_(False)
+    return type(backbone).from_model(f"{backbone.name} (random init, seed {seed})", fresh, backbone.tokenizer,
+                                     backbone.image_processor)
+
+
 def write_backbone_pointer(out_dir: str | Path, name: str) -> None:
     """For a hub name or an external dir: the stage output records where the weights come from."""
     with atomic_dir(out_dir) as tmp:

@@ -63,6 +63,7 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
     train.pop("checkpoint_every")
     m = p.model
     keys = {"seed": p.seed, "train": train, "model": {"mvtc": asdict(m.mvtc), "head": m.head,
+                                                      "entity_readout": m.entity_readout,
                                                       "max_text_tokens": m.max_text_tokens,
                                                       "max_image_tokens": m.max_image_tokens}}
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())

@@ -84,6 +84,9 @@ class MVTCParams:
     text_view: bool = True
     image_view: bool = True
     heads: int = 8
+    text_query: Literal["prompt", "entity_relation"] = "prompt"  # what the text view's query X_t max-pools
+    value: Literal["per_head", "shared", "low_rank"] = "per_head"  # the value maps W^V (docs/model.md)
+    value_rank: int = 8  # r of value=low_rank
 
 
 @dataclass
@@ -92,6 +95,7 @@ class ModelParams:
     tiny: TinyBackboneParams = field(default_factory=TinyBackboneParams)
     mvtc: MVTCParams = field(default_factory=MVTCParams)
     head: Literal["completion", "lm_head"] = "completion"
+    entity_readout: Literal["segment_end", "name_end"] = "segment_end"  # the token E_entity is read at
     max_text_tokens: int = 32
     max_image_tokens: int = 256
 
@@ -115,6 +119,7 @@ class PruneParams:
     init: Literal["closed_form", "zero"] = "closed_form"
     target: Literal["global", "local"] = "global"
     ridge: float = 0.01
+    similarity: Literal["residual", "attention"] = "residual"  # the reading that ranks layers for pruning
 
 
 @dataclass
@@ -286,6 +291,7 @@ def validate(p: Params, num_layers: int | None = None) -> None:
              f"must be a multiple of model.tiny.patch_size ({t.patch_size})")
     _require(t.vocab_size >= 300, "model.tiny.vocab_size", "must be at least 300 (byte alphabet + specials)")
     _require(p.model.mvtc.heads >= 1, "model.mvtc.heads", "must be at least 1")
+    _require(p.model.mvtc.value_rank >= 1, "model.mvtc.value_rank", "must be at least 1")
     if p.model.mvtc.enabled:
         _require(p.model.mvtc.text_view or p.model.mvtc.image_view, "model.mvtc.text_view",
                  "at least one MVTC view must be on (or set model.mvtc.enabled=false)")

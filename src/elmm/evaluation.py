@@ -31,6 +31,14 @@ Metrics (`summarize`)
     `count` the number of ranks. Values are plain Python floats/ints rounded to 6 decimals;
     for an empty set every metric except `count` is `None`.
 
+Anchor rank (self-denoising)
+    `anchor_ranks` ranks each query's own anchor entity among the same filtered candidates (the
+    answer stays one, and the anchor is kept even where it is a known answer), from the scores of
+    the same pass. `anchor_rank` in the metrics gives, per side and per relation and side, its
+    mean realistic rank (`mean_rank`) and the fraction of queries where it ranks first, above
+    every candidate including the answer (`first`): how often the model would answer a query
+    with the entity it was shown.
+
 Direction
     `0` = predict the tail given `(anchor=head, relation)`, reported as `"tail"`;
     `1` = predict the head given `(relation, anchor=tail)`, reported as `"head"`.
@@ -49,7 +57,7 @@ import torch
 
 from .kg.queries import HEAD, TAIL, as_int_array
 
-__all__ = ["compute_ranks", "RankAccumulator", "summarize", "TIE_ATOL", "TIE_RTOL"]
+__all__ = ["compute_ranks", "anchor_ranks", "RankAccumulator", "summarize", "TIE_ATOL", "TIE_RTOL"]
 
 #: Tie tolerance of `compute_ranks` (LibKGE's): scores within TIE_ATOL + TIE_RTOL * |s_true| tie.
 TIE_ATOL = 1e-5
@@ -146,6 +154,25 @@ def compute_ranks(
     }
 
 
+def anchor_ranks(
+    scores: torch.Tensor,
+    anchors: torch.Tensor,
+    targets: torch.Tensor,
+    filter_mask: torch.Tensor | None = None,
+    atol: float = TIE_ATOL,
+    rtol: float = TIE_RTOL,
+) -> dict[str, torch.Tensor]:
+    """The ranks (as `compute_ranks`) of each query's own anchor entity, not filtered.
+
+    The candidates are those the target is ranked among: `filter_mask` removes the other known
+    answers, the target stays, and the anchor is kept even where the mask marks it.
+    """
+    removed = torch.zeros_like(scores, dtype=torch.bool) if filter_mask is None else filter_mask.bool().clone()
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    removed[rows, torch.as_tensor(targets, device=scores.device).long().reshape(-1)] = False
+    return compute_ranks(scores, anchors, removed, atol, rtol)
+
+
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
@@ -186,21 +213,39 @@ def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[s
 SIDE_KEYS = ("mr", "mrr", "hits_at_1", "hits_at_10", "count")
 
 
+def summarize_anchor(realistic: Any) -> dict[str, float | int | None]:
+    """`mean_rank` of the anchors' realistic ranks, `first` the fraction ranked first, `count`."""
+    real = torch.as_tensor(realistic).detach().cpu().double().reshape(-1)
+    if real.numel() == 0:
+        return {"mean_rank": None, "first": None, "count": 0}
+    return {"mean_rank": _round(real.mean().item()), "first": _round((real <= 1).double().mean().item()),
+            "count": int(real.numel())}
+
+
 class RankAccumulator:
     """Collects ranks of many batches with their side and relation, then reports metrics."""
 
     _RANK_KEYS = ("optimistic", "pessimistic", "realistic", "candidates")
 
     def __init__(self) -> None:
-        keys = (*self._RANK_KEYS, "direction", "relation")
+        keys = (*self._RANK_KEYS, "direction", "relation", "anchor")
         self._parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
 
     def __len__(self) -> int:
         return sum(part.numel() for part in self._parts["direction"])
 
-    def add(self, ranks: dict[str, torch.Tensor], directions: Any, relations: Any) -> None:
-        """Store one batch of ranks; `directions` may be a scalar for the whole batch."""
+    def add(self, ranks: dict[str, torch.Tensor], directions: Any, relations: Any,
+            anchor: dict[str, torch.Tensor] | None = None) -> None:
+        """Store one batch of ranks; `directions` may be a scalar for the whole batch. `anchor`: the
+        `anchor_ranks` of the batch, given for every batch or for none."""
         batch = torch.as_tensor(ranks["realistic"]).numel()
+        if (anchor is None) != (not self._parts["anchor"]) and self._parts["direction"]:
+            raise ValueError("anchor ranks must be given for every batch or for none")
+        if anchor is not None:
+            values = torch.as_tensor(anchor["realistic"]).detach().cpu().reshape(-1).double()
+            if values.numel() != batch:
+                raise ValueError(f"anchor ranks have {values.numel()} entries, expected {batch}")
+            self._parts["anchor"].append(values)
         # Stored on CPU so GPU memory is not held across the whole evaluation.
         for key in self._RANK_KEYS:
             values = torch.as_tensor(ranks[key]).detach().cpu().reshape(-1)
@@ -213,7 +258,13 @@ class RankAccumulator:
 
     @staticmethod
     def _dtype(key: str) -> torch.dtype:
-        return torch.double if key in ("optimistic", "pessimistic", "realistic") else torch.long
+        return torch.double if key in ("optimistic", "pessimistic", "realistic", "anchor") else torch.long
+
+    def ranks(self) -> dict[str, torch.Tensor]:
+        """Every stored rank in the order added: optimistic, pessimistic, realistic, candidates,
+        direction, relation (and anchor, the anchors' realistic ranks, when given)."""
+        data = self._all()
+        return {k: v for k, v in data.items() if k != "anchor" or self._parts["anchor"]}
 
     def _all(self) -> dict[str, torch.Tensor]:
         return {
@@ -235,10 +286,15 @@ class RankAccumulator:
         def subset(selection: torch.Tensor) -> dict:
             return summarize({key: data[key][selection] for key in self._RANK_KEYS}, hits)
 
+        with_anchor = bool(self._parts["anchor"])
         everything = torch.ones_like(data["direction"], dtype=torch.bool)
         result = subset(everything)
         result["head"] = subset(data["direction"] == HEAD)
         result["tail"] = subset(data["direction"] == TAIL)
+        if with_anchor:
+            result["anchor_rank"] = {**summarize_anchor(data["anchor"]),
+                                     **{side: summarize_anchor(data["anchor"][data["direction"] == code])
+                                        for side, code in (("head", HEAD), ("tail", TAIL))}}
         per_relation = {}
         for relation in torch.unique(data["relation"]).tolist():
             name = relation_names[relation] if relation_names is not None else str(relation)
@@ -248,5 +304,7 @@ class RankAccumulator:
                 selection = of_relation & (data["direction"] == code)
                 if selection.any():
                     per_relation[name][side] = {k: v for k, v in subset(selection).items() if k in SIDE_KEYS}
+                    if with_anchor:
+                        per_relation[name][side]["anchor_rank"] = summarize_anchor(data["anchor"][selection])
         result["per_relation"] = per_relation
         return result

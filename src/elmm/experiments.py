@@ -5,12 +5,21 @@
     dvc queue start -j 1                               # run them (one at a time on a small machine)
     python -m elmm.experiments table                   # markdown table of every experiment (ablations)
     python -m elmm.experiments table --by-seed --side tail   # mean +- sd over seeds, tail queries
+    python -m elmm.experiments table --by-seed --baseline full   # + paired difference to `full`, 95% bootstrap CI
+    python -m elmm.experiments queue --only full --sweep 'train.lr=1e-4,2e-4,3e-4,5e-4,8e-4,1e-3'   # the lr grid
     python -m elmm.experiments sweep --param prune.k   # CSV of metrics against a param, for `dvc plots`
     (table/sweep: experiments of HEAD; --rev <commit> for those queued from another commit, -A for all)
 
 All read `dvc exp show --json` (so they work on whatever `dvc exp run` produced) and never
 recompute a metric. A replicate changes the top-level `seed`, which regenerates the synthetic
 world, the tiny backbone and the training order: it measures the spread over all three.
+
+Paired comparisons (`table --by-seed --baseline NAME`): two experiments with the same seed rank
+the same test queries, so their per-query ranks (metrics/ranks/test.csv, which every experiment
+commit carries; read with `git show <rev>:...`) pair query by query. The per-query differences in
+reciprocal rank and Hits@1 are pooled over the seeds both groups ran, and `bootstrap_interval`
+resamples queries with replacement within each seed (10,000 times, fixed RNG seed) for a 95%
+percentile interval of the difference in MRR and in Hits@1.
 """
 
 from __future__ import annotations
@@ -21,13 +30,19 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .io import write_csv_rows
+from .rank_table import KEY_COLUMNS, parse_rank_table, ranks_path
 
 METRICS = ("mrr", "mr", "hits_at_1", "hits_at_3", "hits_at_10")
 
-# The paper's Table 3 as param overrides (docs/results.md, "Ablations").
+# The paper's Table 3 and the other experiments it reports, as param overrides (docs/results.md,
+# "Ablations"). `{half_layers}` stands for half the backbone's decoder layers (L/2), filled in at
+# queue time. `no-init` is the paper's "zero-initialised W_c" row.
 ABLATIONS = {
     "untrained": ["train.max_steps=0"],
     "no-image-view": ["model.mvtc.image_view=false"],
@@ -38,7 +53,15 @@ ABLATIONS = {
     "paper-wc": ["prune.compensation=paper"],
     "no-init": ["prune.init=zero"],
     "lm-head": ["model.head=lm_head"],
+    "no-self-denoise": ["train.self_denoise=false"],
+    # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
+    "half-ridge": ["prune.k={half_layers}", "prune.compensation=ridge", "prune.init=closed_form"],
+    "half-paper": ["prune.k={half_layers}", "prune.compensation=paper", "prune.init=closed_form"],
+    "half-none": ["prune.k={half_layers}", "prune.compensation=none"],
+    "half-zero-init": ["prune.k={half_layers}", "prune.compensation=ridge", "prune.init=zero"],
 }
+# The paper's learning-rate grid (Fig. 4 right): queue --only full --sweep LR_SWEEP
+LR_SWEEP = "train.lr=1e-4,2e-4,3e-4,5e-4,8e-4,1e-3"
 EVALUATE = "metrics/evaluate.json"
 
 
@@ -57,7 +80,7 @@ def _row(name: str, data: dict) -> dict | None:
     params = data.get("params", {}).get("params.yaml", {}).get("data")
     if not metrics or not params:
         return None
-    return {"name": name, "params": params, "metrics": metrics}
+    return {"name": name, "rev": data.get("rev"), "params": params, "metrics": metrics}
 
 
 def load_experiments(show_json: str | None = None, all_commits: bool = False, rev: str | None = None) -> list[dict]:
@@ -153,21 +176,121 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def seed_table(rows: list[dict], relations: bool = True, side: str = "both") -> str:
-    """One line per ablation: mean +- sample sd over the seeds it ran with (column `seeds`)."""
+def paired_differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-query differences a - b of two rank tables (elmm.rank_table) over the same queries: in
+    reciprocal rank (`mrr`) and in Hits@1 (`hits_at_1`, -1, 0 or 1), from the realistic ranks."""
+    for col in KEY_COLUMNS:
+        if len(a[col]) != len(b[col]) or not np.array_equal(a[col], b[col]):
+            raise ValueError(f"the two rank tables differ in column {col!r}: not the same queries (same seed?)")
+    return {"mrr": 1.0 / a["rank"] - 1.0 / b["rank"],
+            "hits_at_1": (a["rank"] <= 1).astype(np.float64) - (b["rank"] <= 1).astype(np.float64)}
+
+
+def bootstrap_interval(diffs_by_seed: Sequence[np.ndarray], resamples: int = 10_000, seed: int = 0,
+                       level: float = 0.95, block: int = 100) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the pooled per-query differences and its percentile bootstrap
+    interval at `level`.
+
+    One resample draws, within each seed's queries, as many queries with replacement, pools the
+    draws of all seeds and takes their mean. The RNG is `numpy.random.default_rng(seed)`; resamples
+    are drawn `block` at a time, for each block seed by seed (`rng.integers(0, n, (rows, n))`),
+    which fixes the stream. The interval holds the `(1 - level) / 2` and `(1 + level) / 2`
+    percentiles of the resampled means (numpy's linear interpolation).
+    """
+    diffs = [np.asarray(d, dtype=np.float64).reshape(-1) for d in diffs_by_seed]
+    diffs = [d for d in diffs if d.size]
+    if not diffs:
+        raise ValueError("no differences to resample")
+    total = sum(d.size for d in diffs)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for lo in range(0, resamples, block):
+        rows = min(block, resamples - lo)
+        sums = np.zeros(rows)
+        for d in diffs:
+            sums += d[rng.integers(0, d.size, (rows, d.size))].sum(axis=1)
+        means[lo:lo + rows] = sums / total
+    low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(np.concatenate(diffs).mean()), float(low), float(high)
+
+
+RankReader = Callable[[dict], dict[str, np.ndarray]]
+
+
+def git_rank_reader(row: dict) -> dict[str, np.ndarray]:
+    """The rank table of an experiment row, from its commit: `git show <rev>:metrics/ranks/<split>.csv`."""
+    path = ranks_path(row["metrics"].get("split", "test"))
+    proc = subprocess.run(["git", "show", f"{row['rev']}:{path}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{row['name']}: cannot read {path} at {row['rev']} ({proc.stderr.strip()}); "
+                         "experiments run before the evaluate stage wrote per-query ranks cannot be paired")
+    return parse_rank_table(proc.stdout, f"{row['rev']}:{path}")
+
+
+def _seed_of(row: dict, seed_key: str = "seed"):
+    return _get(row["params"], seed_key)
+
+
+def paired_comparison(members: list[dict], baseline: list[dict], read: RankReader, resamples: int = 10_000,
+                      rng_seed: int = 0) -> dict | None:
+    """Difference of a group to the baseline group over the seeds both ran, per query and pooled:
+    {"seeds": [...], "queries": n, "mrr": (mean, low, high), "hits_at_1": (mean, low, high)}, or
+    None when they share no seed."""
+    base_by_seed = {_seed_of(r): r for r in baseline}
+    pairs = [(m, base_by_seed[_seed_of(m)]) for m in members if _seed_of(m) in base_by_seed]
+    if not pairs:
+        return None
+    diffs = [paired_differences(read(m), read(b)) for m, b in pairs]
+    result = {"seeds": sorted((_seed_of(m) for m, _ in pairs), key=str), "queries": sum(len(d["mrr"]) for d in diffs)}
+    for key in ("mrr", "hits_at_1"):
+        result[key] = bootstrap_interval([d[key] for d in diffs], resamples, rng_seed)
+    return result
+
+
+def _fmt_diff(mean: float, low: float, high: float) -> str:
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def seed_table(rows: list[dict], relations: bool = True, side: str = "both", baseline: str | None = None,
+               read: RankReader = git_rank_reader, resamples: int = 10_000, rng_seed: int = 0) -> str:
+    """One line per ablation: mean +- sample sd over the seeds it ran with (column `seeds`).
+
+    With `baseline` (a group's name), each group's MRR and Hits@1 are followed by its paired
+    difference to that group, pooled over the seeds both ran (`paired_comparison`), with the 95%
+    bootstrap interval: `+0.0123 [-0.0040, +0.0290]` (this group minus the baseline).
+    """
     rel_names, cols = _columns(rows, relations, side)
+    groups = seed_groups(rows)
+    base_members = None
+    if baseline is not None:
+        found = [members for name, _, members in groups if name == baseline]
+        if not found:
+            raise SystemExit(f"no experiment group named {baseline!r}; groups: {', '.join(n for n, _, _ in groups)}")
+        base_members = found[0]
+        cols = [c for k in cols for c in ([k, f"Δ{k} vs {baseline} (95% CI)"] if k in ("mrr", "hits_at_1") else [k])]
     body = []
-    for name, key, members in seed_groups(rows):
+    for name, key, members in groups:
         seeds = sorted({_get(m["params"], "seed") for m in members}, key=str)
         cells = [name, key or "(baseline)", ",".join(str(x) for x in seeds)]
         per_member = [_values(m["metrics"], rel_names, side) for m in members]
+        paired = None
+        if base_members is not None and members is not base_members:
+            paired = paired_comparison(members, base_members, read, resamples, rng_seed)
         for col, k in enumerate(METRICS + tuple(rel_names)):
             vals = [v[col] for v in per_member if v[col] is not None]
             if not vals:
                 cells.append("-")
-                continue
-            mean, sd = _mean_sd(vals)
-            cells.append(_fmt(k, mean) + (f" ± {_fmt(k, sd)}" if len(vals) > 1 else ""))
+            else:
+                mean, sd = _mean_sd(vals)
+                cells.append(_fmt(k, mean) + (f" ± {_fmt(k, sd)}" if len(vals) > 1 else ""))
+            if base_members is not None and k in ("mrr", "hits_at_1"):
+                if members is base_members:
+                    cells.append("(baseline)")
+                elif paired is None:
+                    cells.append("- (no common seed)")
+                else:
+                    note = "" if paired["seeds"] == seeds else f" (seeds {','.join(map(str, paired['seeds']))})"
+                    cells.append(_fmt_diff(*paired[k]) + note)
         body.append(cells)
     return _markdown(["experiment", "changed params", "seeds"] + cols, body)
 
@@ -193,26 +316,82 @@ def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed") -> list[dic
     return points
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resolve_overrides(overrides: list[str], half_layers: int | None) -> list[str]:
+    """The `-S` overrides of an ablation with `{half_layers}` filled in."""
+    if any("{half_layers}" in o for o in overrides):
+        if half_layers is None:
+            raise SystemExit(f"{overrides}: needs the backbone's decoder depth (pass --layers L)")
+        return [o.replace("{half_layers}", str(half_layers)) for o in overrides]
+    return list(overrides)
+
+
+def _effective(base: dict, overrides: list[str]) -> dict:
+    """The flat params an override list yields on top of `base` (values parsed as YAML, as DVC does)."""
+    import yaml
+
+    flat = _flat(base)
+    for o in overrides:
+        key, value = o.split("=", 1)
+        flat[key] = yaml.safe_load(value)
+    return flat
+
+
 def queue_commands(sweep: str | None, seeds: list[int] | None = None, only: list[str] | None = None,
-                   base_seed: int = 0) -> list[list[str]]:
+                   base_seed: int = 0, half_layers: int | None = None, base_params: dict | None = None,
+                   say: Callable[[str], None] = lambda s: None) -> list[list[str]]:
     """`dvc exp run --queue` lines: every ablation (or those in `only`) and the sweep, once per
-    seed; seeds other than `base_seed` also queue the unchanged model as `full-s<seed>`."""
+    seed; seeds other than `base_seed` also queue the unchanged model as `full-s<seed>`.
+
+    `half_layers` fills `{half_layers}` (L/2). With `base_params` (params.yaml as a dict), an
+    ablation whose overrides give the baseline's params or those of an ablation queued before it is
+    skipped (e.g. half-ridge when the baseline already prunes L/2 layers with ridge), and `say`
+    tells which.
+    """
     unknown = set(only or ()) - set(ABLATIONS) - {"full"}
     if unknown:
         raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: full, {', '.join(ABLATIONS)}")
+    chosen = {name: resolve_overrides(o, half_layers) for name, o in ABLATIONS.items() if not only or name in only}
+    if base_params is not None:
+        seen = [("the baseline", _effective(base_params, []))]
+        for name, overrides in list(chosen.items()):
+            effective = _effective(base_params, overrides)
+            same = next((other for other, params in seen if params == effective), None)
+            if same is not None:
+                say(f"skipping {name}: the same params as {same}")
+                del chosen[name]
+            else:
+                seen.append((name, effective))
     cmds = []
     for seed in seeds or [base_seed]:
         extra = [] if seed == base_seed else [f"seed={seed}"]
         suffix = "" if seed == base_seed else f"-s{seed}"
-        runs = ({"full": []} if seed != base_seed else {}) | ABLATIONS
+        runs = ({"full": []} if seed != base_seed and (not only or "full" in only) else {}) | chosen
         for name, overrides in runs.items():
-            if only and name not in only:
-                continue
             cmds.append(["dvc", "exp", "run", "--queue", "-n", name + suffix]
                         + [a for o in overrides + extra for a in ("-S", o)])
         if sweep:
             cmds.append(["dvc", "exp", "run", "--queue", "-S", sweep] + [a for o in extra for a in ("-S", o)])
     return cmds
+
+
+def decoder_layers(params) -> int:
+    """The backbone's decoder depth L from the params (the tiny backbones' config, else the HF config)."""
+    if params.model.backbone in ("tiny", "tiny-qwen2-vl"):
+        return params.model.tiny.layers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(params.model.backbone)
+    except OSError as e:
+        raise SystemExit(f"cannot read the config of {params.model.backbone!r} ({e}); pass --layers L") from None
+    return getattr(config, "text_config", config).num_hidden_layers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,11 +402,16 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--seeds", type=int, nargs="+", help="replicate everything over these values of `seed`")
     q.add_argument("--only", nargs="+", help=f"queue only these (full, {', '.join(ABLATIONS)})")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    q.add_argument("--layers", type=int, help="the backbone's decoder layers L (for the K = L/2 runs; "
+                                              "default: from the params / the backbone's config)")
     t = sub.add_parser("table", help="markdown table of all experiments")
     t.add_argument("--no-relations", action="store_true", help="omit the per-relation MRR columns")
     t.add_argument("--side", choices=("both", "tail", "head"), default="both",
                    help="per-relation MRR over both sides, or tail/head queries only")
     t.add_argument("--by-seed", action="store_true", help="one line per ablation: mean ± sd over seeds")
+    t.add_argument("--baseline", metavar="NAME", help="with --by-seed: the paired difference of every group to "
+                                                      "group NAME, with a 95%% bootstrap interval over test queries")
+    t.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     s = sub.add_parser("sweep", help="CSV of the metrics against one param")
     s.add_argument("--param", default="prune.k")
     s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
@@ -236,11 +420,21 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--rev", help="experiments derived from this commit instead of HEAD")
     args = ap.parse_args(argv)
     if args.command == "queue":
+        import yaml
+
         from .config import load_params
 
-        base_seed = load_params("params.yaml").seed if Path("params.yaml").exists() else 0
-        for cmd in queue_commands(args.sweep or None, args.seeds, args.only, base_seed):
-            print(" ".join(f"'{a}'" if "range(" in a else a for a in cmd))
+        base_seed, half, base = 0, args.layers // 2 if args.layers else None, None
+        if Path("params.yaml").exists():
+            params = load_params("params.yaml")
+            base_seed, base = params.seed, yaml.safe_load(Path("params.yaml").read_text())
+            needs_depth = any("{half_layers}" in o for n, ov in ABLATIONS.items() if not args.only or n in args.only
+                              for o in ov)
+            if half is None and needs_depth:
+                half = decoder_layers(params) // 2
+        for cmd in queue_commands(args.sweep or None, args.seeds, args.only, base_seed, half, base,
+                                  say=lambda s: print(s, file=sys.stderr)):
+            print(" ".join(f"'{a}'" if any(c in a for c in "(),") else a for a in cmd))
             if not args.dry_run:
                 subprocess.run(cmd, check=True)
         return
@@ -248,8 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
     if args.command == "table":
-        table = seed_table if args.by_seed else markdown_table
-        print(table(rows, relations=not args.no_relations, side=args.side))
+        if args.baseline and not args.by_seed:
+            sys.exit("--baseline needs --by-seed (the comparison pairs experiments by seed)")
+        if args.by_seed:
+            print(seed_table(rows, relations=not args.no_relations, side=args.side, baseline=args.baseline,
+                             resamples=args.resamples))
+        else:
+            print(markdown_table(rows, relations=not args.no_relations, side=args.side))
     else:
         points = sweep_rows(rows, args.param)
         if not points:

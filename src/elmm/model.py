@@ -3,7 +3,8 @@
 One query = a known entity (its stored image tokens and its text) plus a relation and a direction.
 
     image tokens I_t [N*M, Dv] --projector (frozen)--> [N*M, D]
-    textual view:  X_t = maxpool(token embeddings of entity + relation text)   -> H tokens
+    textual view:  X_t = maxpool(token embeddings of the prompt, or of the entity
+                   name + relation phrase with mvtc.text_query=entity_relation) -> H tokens
     visual view:   X_i = maxpool(projected CLS tokens of the N images)          -> H tokens
     decoder input: [<s>, I_image (H), I_text (H), text tokens]
     completion:    E_m = [maxpool(h at image positions), h at entity token, h at relation token]
@@ -12,7 +13,11 @@ One query = a known entity (its stored image tokens and its text) plus a relatio
 Choices where the paper is silent (docs/model.md):
 - Per-head value projections are D x D as written (V_i = I_t W_i^V); they start as the identity,
   so an untrained view is attention pooling of the projected image tokens (the decoder's own
-  input distribution) rather than a random projection of it.
+  input distribution) rather than a random projection of it. At D = 4096 and 32 heads that is
+  537M parameters per view, so `mvtc.value` also offers one shared D x D map (`shared`) and the
+  identity plus a rank-r update per head (`low_rank`); both also start as the identity.
+- E_entity is read at the last token of the entity segment (its last description token) or, with
+  `model.entity_readout: name_end`, at the last token of the entity's name.
 - An entity without images gets no image tokens: its image positions are masked out of the
   decoder's attention and E_image is zero.
 - `head="lm_head"` (the paper's "head layer" ablation) scores entities with a learned entity
@@ -44,6 +49,10 @@ class ELMMConfig:
     max_image_tokens: int = 256
     pruned_layers: list[int] = field(default_factory=list)
     compensation: str = "none"  # ridge | paper | none: whether pruned layers carry a W_c
+    text_query: str = "prompt"  # prompt | entity_relation: the tokens the text view's query pools
+    entity_readout: str = "segment_end"  # segment_end | name_end: where E_entity is read
+    value: str = "per_head"  # per_head | shared | low_rank: the MVTC value maps W^V
+    value_rank: int = 8  # r of value=low_rank
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +70,10 @@ class ELMMConfig:
             max_image_tokens=m.max_image_tokens,
             pruned_layers=sorted(pruned_layers),
             compensation=compensation,
+            text_query=m.mvtc.text_query,
+            entity_readout=m.entity_readout,
+            value=m.mvtc.value,
+            value_rank=m.mvtc.value_rank,
         )
 
 
@@ -75,6 +88,10 @@ class MVTCView(nn.Module):
 
     head_i = softmax(LN(q) W_i^Q (LN(I) W_i^K)^T / sqrt(d)) I W_i^V, with d = D / H.
 
+    `value` picks W_i^V: `per_head` an own D x D map per head (H D^2 parameters), `shared` one D x D
+    map for all heads (D^2), `low_rank` I + U_i V_i^T per head with U_i, V_i of D x `rank`
+    (2 H D r). Each starts as the identity (for `low_rank`, V = 0 and U random, as in LoRA).
+
     The LayerNorms (ours, as in the Perceiver resampler and Q-Former) act on the attention
     logits' inputs only; the values stay the raw projected tokens. Without them the logits scale
     with |q| |I|, which depends on the backbone. On the tiny default (|I| ~ 0.2) they spread by
@@ -82,8 +99,13 @@ class MVTCView(nn.Module):
     whatever the query. The two views are then one view (docs/model.md, "MVTC").
     """
 
-    def __init__(self, dim: int, heads: int):
+    VALUES = ("per_head", "shared", "low_rank")
+
+    def __init__(self, dim: int, heads: int, value: str = "per_head", rank: int = 8):
         super().__init__()
+        if value not in self.VALUES:
+            raise ValueError(f"model.mvtc.value: unknown value map {value!r} ({', '.join(self.VALUES)})")
+        self.value = value
         self.heads = heads
         self.head_dim = max(1, dim // heads)
         self.query_norm = nn.LayerNorm(dim)
@@ -92,9 +114,15 @@ class MVTCView(nn.Module):
         self.token_norm = nn.LayerNorm(dim, bias=False)
         self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.k = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.v = nn.Parameter(torch.eye(dim).repeat(heads, 1, 1))  # [H, D, D], identity start
+        if value == "per_head":
+            self.v = nn.Parameter(torch.eye(dim).repeat(heads, 1, 1))  # [H, D, D], identity start
+        elif value == "shared":
+            self.v = nn.Parameter(torch.eye(dim))  # [D, D], identity start
         nn.init.normal_(self.q.weight, std=dim**-0.5)
         nn.init.normal_(self.k.weight, std=dim**-0.5)
+        if value == "low_rank":  # W_i^V = I + U_i V_i^T; drawn after q and k, so those match per_head's
+            self.value_u = nn.Parameter(torch.randn(heads, dim, rank) * dim**-0.5)  # [H, D, r]
+            self.value_v = nn.Parameter(torch.zeros(heads, dim, rank))  # [H, D, r]: zero, so the start is I
 
     def forward(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]; masked tokens get zero weight."""
@@ -106,7 +134,12 @@ class MVTCView(nn.Module):
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-masked row -> zeros
         pooled = torch.einsum("bht,btd->bhd", weights, tokens)
         # Applying W_i^V after pooling is the same product, and costs H*D*D instead of T*H*D*D.
-        return torch.einsum("bhd,hde->bhe", pooled, self.v)
+        if self.value == "per_head":
+            return torch.einsum("bhd,hde->bhe", pooled, self.v)
+        if self.value == "shared":
+            return pooled @ self.v
+        low = torch.einsum("bhd,hdr->bhr", pooled, self.value_u)
+        return pooled + torch.einsum("bhr,her->bhe", low, self.value_v)
 
 
 class CompletionLayer(nn.Module):
@@ -137,8 +170,13 @@ class ELMM(nn.Module):
         self.lora = None  # the peft LoraConfig once model_io.add_lora injected an adapter
         dim = backbone.hidden_size
         c = config
-        self.text_view = MVTCView(dim, c.heads) if c.mvtc_enabled and c.text_view else None
-        self.image_view = MVTCView(dim, c.heads) if c.mvtc_enabled and c.image_view else None
+        if c.text_query not in ("prompt", "entity_relation"):
+            raise ValueError(f"model.mvtc.text_query: unknown query {c.text_query!r} (prompt, entity_relation)")
+        if c.entity_readout not in ("segment_end", "name_end"):
+            raise ValueError(f"model.entity_readout: unknown position {c.entity_readout!r} (segment_end, name_end)")
+        view = lambda: MVTCView(dim, c.heads, c.value, c.value_rank)  # noqa: E731
+        self.text_view = view() if c.mvtc_enabled and c.text_view else None
+        self.image_view = view() if c.mvtc_enabled and c.image_view else None
         if c.head == "completion":
             self.completion = CompletionLayer(dim, c.num_entities)
         elif c.head == "lm_head":
@@ -148,8 +186,11 @@ class ELMM(nn.Module):
 
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
-                    text_embeds: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image tokens entering the decoder: [B, P, D] and their mask [B, P]."""
+                    text_embeds: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image tokens entering the decoder: [B, P, D] and their mask [B, P].
+
+        `query_mask` [B, L] marks the text tokens whose embeddings the text view's query max-pools.
+        """
         b, n = slot_mask.shape
         dtype = text_embeds.dtype
         tokens = self.backbone.project_images(patches.to(dtype))  # [B, N, M', D]
@@ -165,7 +206,7 @@ class ELMM(nn.Module):
             cls_proj = self.backbone.project_cls(cls.to(dtype))
             views.append(self.image_view(masked_max(cls_proj, slot_mask, 1), tokens, token_mask))
         if self.text_view is not None:
-            views.append(self.text_view(masked_max(text_embeds, text_mask, 1), tokens, token_mask))
+            views.append(self.text_view(masked_max(text_embeds, query_mask, 1), tokens, token_mask))
         block = torch.cat(views, dim=1)
         return block, has_images[:, None].expand(b, block.shape[1])
 
@@ -173,14 +214,18 @@ class ELMM(nn.Module):
         device = self.llm.device if hasattr(self.llm, "device") else patches.device
         ids, text_mask = text.ids.to(device), text.mask.to(device)
         text_embeds = self.backbone.embed_tokens(ids)
-        images, image_mask = self.image_block(patches.to(device), cls.to(device), slot_mask.to(device), text_embeds, text_mask)
+        images, image_mask = self.image_block(patches.to(device), cls.to(device), slot_mask.to(device), text_embeds,
+                                              self.query_mask(text).to(device))
         b, p = image_mask.shape
         bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.start_token_id, device=device))
         embeds = torch.cat([bos, images.to(text_embeds.dtype), text_embeds], dim=1)
         attention_mask = self.decoder_mask(image_mask, text_mask)
         hidden = self.backbone.decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
         rows = torch.arange(b, device=device)
-        e_entity = hidden[rows, 1 + p + text.entity_pos.to(device)]
+        entity_pos = text.entity_pos if self.config.entity_readout == "segment_end" else text.name_pos
+        if entity_pos is None:
+            raise ValueError("model.entity_readout=name_end needs TextBatch.name_pos (PromptBuilder fills it)")
+        e_entity = hidden[rows, 1 + p + entity_pos.to(device)]
         e_relation = hidden[rows, 1 + p + text.relation_pos.to(device)]
         if self.config.head == "completion":
             e_image = masked_max(hidden[:, 1:1 + p], image_mask, 1)
@@ -190,6 +235,15 @@ class ELMM(nn.Module):
             query = e_relation
             scores = self.entity_embedding(query)
         return QueryOutput(scores=scores, query=query, image_tokens=p)
+
+    def query_mask(self, text: TextBatch) -> torch.Tensor:
+        """[B, L] the text tokens the text view's query pools: the whole prompt, or (text_query =
+        entity_relation) the entity name and the relation phrase."""
+        if self.config.text_query == "prompt":
+            return text.mask
+        if text.query_mask is None:
+            raise ValueError("model.mvtc.text_query=entity_relation needs TextBatch.query_mask (PromptBuilder fills it)")
+        return text.query_mask
 
     @staticmethod
     def decoder_mask(image_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -218,6 +272,11 @@ class ELMM(nn.Module):
 
 def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
     """Eq. 15: -log sigma(s_target) - mean over valid negatives of log(1 - sigma(s_neg)), batch mean.
+
+    A correction of the paper: eq. 15 is printed as `-log p(target) + mean log(1 - p(neg))`. With
+    that sign, minimising the loss would drive every negative's probability towards 1, rewarding
+    high negative scores. The binary cross-entropy it describes, and what this function computes,
+    subtracts the negatives' term: each negative is pushed towards p = 0.
 
     `negatives` [B, K] entity indices, `negative_mask` [B, K] False for slots to ignore (a sampled
     entity that is in fact a true answer).

@@ -7,10 +7,17 @@ Template (tokens after the image block):
 
 The description is truncated to `max_text_tokens` tokens. The completion layer reads the hidden
 state at the last token of the entity segment (E_entity: in a causal decoder it has seen the
-whole entity text and the image tokens) and at the last token of the relation segment
-(E_relation: it has seen everything). Head prediction uses the inverse-relation phrasing, so one
-completion layer serves both directions. A query's text comes only from the known entity and the
-relation: the answer entity never enters it.
+whole entity text and the image tokens; `model.entity_readout: name_end` takes the last token of
+the entity's name instead) and at the last token of the relation segment (E_relation: it has seen
+everything). Head prediction uses the inverse-relation phrasing, so one completion layer serves
+both directions. A query's text comes only from the known entity and the relation: the answer
+entity never enters it.
+
+`TextBatch.query_mask` marks the tokens of the entity's name and of the relation phrase
+(`inverse of {relation name}` for head queries), not the template words (" entity:",
+" relation:") nor the description: the paper's text-view query X_t pools exactly those
+(`model.mvtc.text_query: entity_relation`). Which tokens they are is read from the tokenizer's
+character offsets, so the token ids are those of the whole segment tokenised at once.
 """
 
 from __future__ import annotations
@@ -30,7 +37,30 @@ class TextBatch:
     mask: torch.Tensor  # [B, L] True on real tokens
     entity_pos: torch.Tensor  # [B] index (within the text) of the entity segment's last token
     relation_pos: torch.Tensor  # [B] index of the relation segment's last token
-    entity_len: torch.Tensor  # [B] tokens in the entity segment (for the text-view query)
+    entity_len: torch.Tensor  # [B] tokens in the entity segment
+    name_pos: torch.Tensor | None = None  # [B] index of the entity name's last token
+    query_mask: torch.Tensor | None = None  # [B, L] True on the entity-name and relation-phrase tokens
+
+
+def _marked_ids(tokenizer, prefix: str, body: str) -> tuple[list[int], list[bool]]:
+    """The token ids of `prefix + body` (tokenised as one string) and, per token, whether it covers
+    a character of `body`.
+
+    Fast tokenizers report character offsets; for a slow one, the tokens after the longest common
+    prefix with the tokenised `prefix` (without its trailing space) count as `body`.
+    """
+    text = prefix + body
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow tokenizers have no offsets
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        head = tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]
+        n = 0
+        while n < min(len(head), len(ids)) and head[n] == ids[n]:
+            n += 1
+        return ids, [i >= n for i in range(len(ids))]
+    start, end = len(prefix), len(text)
+    return list(enc["input_ids"]), [s < end and e > start for s, e in enc["offset_mapping"]]
 
 
 class PromptBuilder:
@@ -42,29 +72,44 @@ class PromptBuilder:
         def ids(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        # Tokenise every entity and relation once; batches only concatenate id lists.
+        # Tokenise every entity and relation once; batches only concatenate id lists. Each id list
+        # has a parallel list of flags: True on the tokens of the name / the relation phrase.
         self.entity_ids: list[list[int]] = []
+        self.entity_flags: list[list[bool]] = []
+        self.name_end: list[int] = []  # index of the name's last token (a name without tokens: the template's)
         for name, desc in zip(entity_names, entity_descriptions):
             desc_ids = ids(f" , {desc}")[:max_text_tokens] if desc else []
-            self.entity_ids.append(ids(f" entity: {name}") + desc_ids)
-        self.relation_ids = [
-            [ids(f" relation: {r}") for r in relation_names],
-            [ids(f" relation: inverse of {r}") for r in relation_names],
-        ]
+            name_ids, name_flags = _marked_ids(tokenizer, " entity: ", name)
+            self.entity_ids.append(name_ids + desc_ids)
+            self.entity_flags.append(name_flags + [False] * len(desc_ids))
+            marked = [i for i, f in enumerate(name_flags) if f]
+            self.name_end.append(marked[-1] if marked else len(name_ids) - 1)
+        self.relation_ids: list[list[list[int]]] = [[], []]
+        self.relation_flags: list[list[list[bool]]] = [[], []]
+        for r in relation_names:
+            for direction, phrase in ((TAIL, r), (HEAD, f"inverse of {r}")):
+                rel_ids, rel_flags = _marked_ids(tokenizer, " relation: ", phrase)
+                self.relation_ids[direction].append(rel_ids)
+                self.relation_flags[direction].append(rel_flags)
 
     def build(self, anchors: torch.Tensor, relations: torch.Tensor, directions: torch.Tensor) -> TextBatch:
-        seqs, ent_pos, rel_pos, ent_len = [], [], [], []
+        seqs, flags, ent_pos, rel_pos, ent_len, name_pos = [], [], [], [], [], []
         for e, r, d in zip(anchors.tolist(), relations.tolist(), directions.tolist()):
             ent = self.entity_ids[e]
             rel = self.relation_ids[d][r]
             seqs.append(ent + rel)
+            flags.append(self.entity_flags[e] + self.relation_flags[d][r])
             ent_pos.append(len(ent) - 1)
             rel_pos.append(len(ent) + len(rel) - 1)
             ent_len.append(len(ent))
+            name_pos.append(self.name_end[e])
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, s in enumerate(seqs):
+        query_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (s, f) in enumerate(zip(seqs, flags)):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = True
-        return TextBatch(ids, mask, torch.tensor(ent_pos), torch.tensor(rel_pos), torch.tensor(ent_len))
+            query_mask[i, : len(f)] = torch.tensor(f, dtype=torch.bool)
+        return TextBatch(ids, mask, torch.tensor(ent_pos), torch.tensor(rel_pos), torch.tensor(ent_len),
+                         torch.tensor(name_pos), query_mask)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .batches import forward_batch, make_batch
 from .device import autocast, synchronize
-from .evaluation import RankAccumulator, compute_ranks
+from .evaluation import RankAccumulator, anchor_ranks, compute_ranks
 from .kg.queries import FilterIndex, Queries
 from .model import ELMM, QueryOutput
 from .workspace import Workspace
@@ -28,6 +28,7 @@ class RankingResult:
     seconds: float  # wall time of the pass (batch assembly + model + ranking), without on_batch hooks
     image_tokens: int  # image tokens per query entering the decoder
     forward_seconds: float = 0.0  # time inside the model's forward only
+    ranks: dict[str, torch.Tensor] | None = None  # per query, in the order given: RankAccumulator.ranks()
 
     @property
     def queries_per_second(self) -> float:
@@ -44,8 +45,10 @@ def evaluate_ranking(model: ELMM, ws: Workspace, queries: Queries, filters: Filt
     """Filtered ranks of every query against all entities, in chunks of `batch_size` queries.
 
     Memory is O(batch_size x entities) whatever the number of queries: ranks are counted per
-    chunk (never sorted) and only the ranks are kept. `on_batch(queries, output, known)` sees each
-    chunk's model output and filter mask (used for the faiss recall check).
+    chunk (never sorted) and only the ranks are kept. From the same scores, each query's own anchor
+    is ranked too (`evaluation.anchor_ranks`: how the model ranks the entity it was shown). The
+    per-query ranks come back in `ranks`. `on_batch(queries, output, known)` sees each chunk's model
+    output and filter mask (used for the faiss recall check).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -63,8 +66,11 @@ def evaluate_ranking(model: ELMM, ws: Workspace, queries: Queries, filters: Filt
         synchronize(device)
         forward += time.perf_counter() - t0
         known = filters.mask(q.anchors, q.relations, q.directions).to(device)
-        ranks = compute_ranks(out.scores.float(), q.targets.to(device), known)
-        acc.add({k: v.cpu() for k, v in ranks.items()}, q.directions, q.relations)
+        scores = out.scores.float()
+        ranks = compute_ranks(scores, q.targets.to(device), known)
+        anchor = anchor_ranks(scores, q.anchors.to(device), q.targets.to(device), known)
+        acc.add({k: v.cpu() for k, v in ranks.items()}, q.directions, q.relations,
+                anchor={k: v.cpu() for k, v in anchor.items()})
         if on_batch is not None:
             t0 = time.perf_counter()
             on_batch(q, out, known)
@@ -72,4 +78,4 @@ def evaluate_ranking(model: ELMM, ws: Workspace, queries: Queries, filters: Filt
         image_tokens = out.image_tokens
     seconds = time.perf_counter() - start - hooks
     metrics = acc.metrics(relation_names=ws.kg.relations["name"].tolist())
-    return RankingResult(metrics, len(queries), seconds, image_tokens, forward)
+    return RankingResult(metrics, len(queries), seconds, image_tokens, forward, acc.ranks())

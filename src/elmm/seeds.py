@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Purposes: one stream each, so e.g. more negatives never shift the data order.
-ORDER, NEGATIVES, DROPOUT = 1, 2, 3
+# Purposes: one stream each, so e.g. more negatives never shift the data order. RANDOM_INIT seeds the
+# similarity stage's random-init control backbone (not `seed` itself: the tiny backbone is built with it).
+ORDER, NEGATIVES, DROPOUT, RANDOM_INIT = 1, 2, 3, 4
 
 
 def derive_seed(*parts: int) -> int:

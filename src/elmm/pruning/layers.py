@@ -50,42 +50,57 @@ def _layer_input(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+SIMILARITY_READINGS = ("residual", "attention")
+
+
 @torch.no_grad()
-def measure_similarity(layers: nn.ModuleList, run: Callable[[dict], torch.Tensor], batches: Iterable[dict]) -> list[float]:
-    """Mean per-token cosine similarity between each attention sub-block's input and output.
+def measure_similarity(layers: nn.ModuleList, run: Callable[[dict], torch.Tensor],
+                       batches: Iterable[dict]) -> dict[str, list[float]]:
+    """Per layer, the mean per-token cosine similarity of the attention sub-block's input and output,
+    read two ways (the paper's Fig. 3 does not say which):
+
+    - `residual`: cos(x, x + attn(LN1(x))), on the residual stream (the input of the layer and of its
+      MLP norm): how much the sub-block changes the hidden state;
+    - `attention`: cos(LN1(x), attn(LN1(x))), the attention module's own input and output.
 
     `run(batch)` runs the model's forward on one batch and returns the decoder's attention mask
     [B, T] (True = real token). Hooks read the residual stream entering each layer and the
-    attention output, so the model's numerics are untouched. Computed in float32, padding
-    excluded, averaged over all real tokens of all batches.
+    attention module's input and output, so the model's numerics are untouched. Computed in
+    float32, padding excluded, averaged over all real tokens of all batches. Returns
+    {reading: [one value per layer]}.
     """
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    sums = {name: torch.zeros(len(layers), dtype=torch.float64) for name in SIMILARITY_READINGS}
     count = 0
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(layers):
         def pre(module, args, kwargs, i=i):
             captured[("x", i)] = _layer_input(args, kwargs)
 
+        def attn_pre(module, args, kwargs, i=i):
+            captured[("n", i)] = _layer_input(args, kwargs)
+
         def post(module, args, kwargs, output, i=i):
             captured[("a", i)] = output[0] if isinstance(output, tuple) else output
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(post, with_kwargs=True))
+    cosine = torch.nn.functional.cosine_similarity
     try:
         for batch in batches:
             captured.clear()
             mask = run(batch).bool()
             for i in range(len(layers)):
                 x = captured[("x", i)].float()
-                out = x + captured[("a", i)].float()
-                cos = torch.nn.functional.cosine_similarity(x, out, dim=-1)
-                sums[i] += cos[mask].double().sum().cpu()
+                a = captured[("a", i)].float()
+                sums["residual"][i] += cosine(x, x + a, dim=-1)[mask].double().sum().cpu()
+                sums["attention"][i] += cosine(captured[("n", i)].float(), a, dim=-1)[mask].double().sum().cpu()
             count += int(mask.sum())
     finally:
         for h in handles:
             h.remove()
-    return (sums / max(count, 1)).tolist()
+    return {name: (s / max(count, 1)).tolist() for name, s in sums.items()}
 
 
 def rank_layers(similarity: list[float]) -> list[int]:
