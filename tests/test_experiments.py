@@ -103,3 +103,22 @@ def test_queue_replicates_over_seeds():
     assert cmds[4][-4:] == ["-S", "prune.k=range(0,9,2)", "-S", "seed=1"]
     with pytest.raises(SystemExit, match="unknown ablation"):
         queue_commands(None, only=["no-such-thing"])
+
+
+def test_knowledge_ablations_enable_the_path_themselves():
+    """Written relative to a default with the path on, they mean the same whatever the default is."""
+    from elmm.config import from_dict
+    from elmm.experiments import ABLATIONS
+
+    assert ABLATIONS["no-knowledge"] == ["model.knowledge.enabled=false"]
+    variants = ["no-alignment", "gat", "gcn"] + [f"triples-{n}" for n in (5, 10, 20, 40)]
+    for name in variants:
+        assert ABLATIONS[name][0] == "model.knowledge.enabled=true", name
+    assert "model.knowledge.align_lambda=0" in ABLATIONS["no-alignment"]
+    assert "model.knowledge.conv=gcn" in ABLATIONS["gcn"]
+    for n in (5, 10, 20, 40):  # every sweep point is a valid params set
+        raw = {"model": {"knowledge": {}}}
+        for override in ABLATIONS[f"triples-{n}"]:
+            key, value = override.split("=")
+            raw["model"]["knowledge"][key.split(".")[-1]] = value == "true" or int(value)
+        assert from_dict(raw).model.knowledge.max_triples == n
