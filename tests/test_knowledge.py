@@ -224,7 +224,7 @@ def test_rgat_attention_and_output_on_a_hand_computed_example() -> None:
     relations = torch.eye(2)  # e_0, e_1
     src, dst, rel = torch.tensor([1, 2, 0]), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])
     with torch.no_grad():
-        alpha = conv.attention(h, src, dst, rel, relations)
+        alpha = conv.attention(conv.w(h), src, dst, rel, relations)
         out = conv(h, src, dst, rel, relations)
     z = math.exp(1) + math.exp(-0.2)
     assert_close(alpha, torch.tensor([math.exp(1) / z, math.exp(-0.2) / z, 1.0]))
