@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     check_layers(p, ws.backbone.num_layers)
     ranking = read_json("data/pruning/similarity.json")["ranking"]
     selected = sorted(ranking[: p.prune.k])
-    model = build_model(ws, seed=p.seed, head="completion").to(device())
+    model = build_model(ws, seed=p.seed, head="completion", knowledge=False).to(device())
     batches = calibration_batches(ws, model, p.prune.samples, p.prune.batch_size, p.seed)
     n_held = int(round(len(batches) * p.prune.heldout)) if len(batches) > 1 else 0
     fit, held = batches[: len(batches) - n_held], batches[len(batches) - n_held:]

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     setup(p.seed)
     ws = open_workspace(p)
     check_layers(p, ws.backbone.num_layers)
-    model = build_model(ws, seed=p.seed, head="completion").to(device())
+    model = build_model(ws, seed=p.seed, head="completion", knowledge=False).to(device())
     batches = calibration_batches(ws, model, p.prune.samples, p.prune.batch_size, p.seed)
     trained = measure(model, batches)
     ranking = rank_layers(trained[p.prune.similarity])

@@ -37,7 +37,7 @@ class MicroEnv:
         raw = _raw_params()
         for key, value in model.items():
             if isinstance(value, dict):
-                raw["model"][key].update(value)
+                raw["model"].setdefault(key, {}).update(value)
             else:
                 raw["model"][key] = value
         return from_dict(raw)

@@ -119,7 +119,8 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
     assert not any(n.startswith("half-") for n in names) and "no-self-denoise" in names
     assert said == ["skipping half-ridge: the same params as the baseline",
                     "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
-                    "skipping half-zero-init: the same params as no-init"]
+                    "skipping half-zero-init: the same params as no-init"] + (
+        [] if base["model"]["knowledge"]["enabled"] else ["skipping no-knowledge: the same params as the baseline"])
     # A baseline at another K queues them.
     other = queue_commands(None, half_layers=4, base_params={**base, "prune": {**base["prune"], "k": 2}})
     assert sum(c[c.index("-n") + 1].startswith("half-") for c in other) == 4
@@ -243,3 +244,22 @@ def test_rank_table_round_trip(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="expected the header"):
         read_rank_table(tmp_path / "bad.csv")
+
+
+def test_knowledge_ablations_enable_the_path_themselves():
+    """Written relative to a default with the path on, they mean the same whatever the default is."""
+    from elmm.config import from_dict
+    from elmm.experiments import ABLATIONS
+
+    assert ABLATIONS["no-knowledge"] == ["model.knowledge.enabled=false"]
+    variants = ["no-alignment", "gat", "gcn"] + [f"triples-{n}" for n in (5, 10, 20, 40)]
+    for name in variants:
+        assert ABLATIONS[name][0] == "model.knowledge.enabled=true", name
+    assert "model.knowledge.align_lambda=0" in ABLATIONS["no-alignment"]
+    assert "model.knowledge.conv=gcn" in ABLATIONS["gcn"]
+    for n in (5, 10, 20, 40):  # every sweep point is a valid params set
+        raw = {"model": {"knowledge": {}}}
+        for override in ABLATIONS[f"triples-{n}"]:
+            key, value = override.split("=")
+            raw["model"]["knowledge"][key.split(".")[-1]] = value == "true" or int(value)
+        assert from_dict(raw).model.knowledge.max_triples == n

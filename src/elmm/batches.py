@@ -2,6 +2,11 @@
 
 The answer entity is never read: a batch depends on (anchor, relation, direction) only, so the
 model cannot see what it must predict (tested by changing every feature of the answer).
+
+With the knowledge path (`ws.knowledge`, attached by model_io) a batch also carries the queries'
+training subgraphs. Training batches (`train=True`) read the target for one purpose only: to
+leave the query's own edge out of its subgraph (and, with candidates=graph, out of the target's
+neighbourhood); evaluation batches never read it.
 """
 
 from __future__ import annotations
@@ -12,15 +17,21 @@ from .kg.queries import Queries, queries_from_triples
 from .workspace import Workspace
 
 
-def make_batch(ws: Workspace, q: Queries) -> dict:
-    """Model inputs for a batch of queries: patches, cls, slot_mask (image tokens) and text."""
+def make_batch(ws: Workspace, q: Queries, *, train: bool = False, negatives: torch.Tensor | None = None) -> dict:
+    """Model inputs for a batch of queries: patches, cls, slot_mask (image tokens) and text, plus
+    `knowledge` when the workspace has a knowledge source. `train` and `negatives` (the loss's
+    negative entities [B, K]) matter only then."""
     patches, cls, mask = ws.tokens.get(q.anchors)
-    return {"patches": patches, "cls": cls, "slot_mask": mask, "text": ws.prompts.build(q.anchors, q.relations, q.directions)}
+    batch = {"patches": patches, "cls": cls, "slot_mask": mask, "text": ws.prompts.build(q.anchors, q.relations, q.directions)}
+    if ws.knowledge is not None:
+        batch["knowledge"] = ws.knowledge.batch(q, train=train, negatives=negatives)
+    return batch
 
 
 def forward_batch(model, batch: dict):
     """`model`'s QueryOutput for a batch from `make_batch`."""
-    return model(batch["patches"], batch["cls"], batch["slot_mask"], batch["text"])
+    extra = {"knowledge": batch["knowledge"]} if "knowledge" in batch else {}
+    return model(batch["patches"], batch["cls"], batch["slot_mask"], batch["text"], **extra)
 
 
 def calibration_batches(ws: Workspace, model, samples: int, batch_size: int, seed: int) -> list[dict]:

@@ -66,6 +66,8 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
                                                       "entity_readout": m.entity_readout,
                                                       "max_text_tokens": m.max_text_tokens,
                                                       "max_image_tokens": m.max_image_tokens}}
+    if m.knowledge.enabled:  # (only then, so that fingerprints of runs without it stay as they were)
+        keys["model"]["knowledge"] = asdict(m.knowledge)
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for group in (inputs, code):
         files: list[Path] = []

@@ -90,10 +90,29 @@ class MVTCParams:
 
 
 @dataclass
+class KnowledgeParams:
+    """MR-MKG's knowledge path (docs/knowledge.md): retrieved training subgraph -> graph encoder ->
+    knowledge tokens before the image block; optionally a graph term on the candidate side."""
+
+    enabled: bool = False
+    max_triples: int = 10  # N: triples kept per query subgraph (and per candidate neighbourhood)
+    seed_triples: int = 5  # n: the anchor's most relevant triples, expanded by one hop
+    reverse_edge: Literal["remove", "keep"] = "remove"  # training: also drop (t, r, h) of the query edge
+    layers: int = 2  # message-passing layers of the encoder (0: node initialisation only)
+    conv: Literal["rgat", "gat", "gcn"] = "rgat"
+    dim: int = 128  # width of the graph encoder
+    tokens: int = 4  # knowledge tokens placed before the image block
+    candidates: Literal["free", "graph"] = "free"  # graph: + E'_m . P h_e from each candidate's neighbourhood
+    align_margin: float = 0.2  # triplet margin (unit-normalised node embeddings)
+    align_lambda: float = 0.1  # weight of the cross-modal alignment loss; 0 disables it
+
+
+@dataclass
 class ModelParams:
     backbone: str = "tiny"  # tiny | tiny-qwen2-vl (built locally) | a HF name or local checkpoint dir
     tiny: TinyBackboneParams = field(default_factory=TinyBackboneParams)
     mvtc: MVTCParams = field(default_factory=MVTCParams)
+    knowledge: KnowledgeParams = field(default_factory=KnowledgeParams)
     head: Literal["completion", "lm_head"] = "completion"
     entity_readout: Literal["segment_end", "name_end"] = "segment_end"  # the token E_entity is read at
     max_text_tokens: int = 32
@@ -297,6 +316,14 @@ def validate(p: Params, num_layers: int | None = None) -> None:
                  "at least one MVTC view must be on (or set model.mvtc.enabled=false)")
     _require(p.model.max_text_tokens >= 1, "model.max_text_tokens", "must be at least 1")
     _require(p.model.max_image_tokens >= 1, "model.max_image_tokens", "must be at least 1")
+    k = p.model.knowledge
+    for key in ("max_triples", "seed_triples", "dim", "tokens"):
+        _require(getattr(k, key) >= 1, f"model.knowledge.{key}", "must be at least 1")
+    _require(k.seed_triples <= k.max_triples, "model.knowledge.seed_triples",
+             f"must not exceed model.knowledge.max_triples ({k.max_triples})")
+    _require(k.layers >= 0, "model.knowledge.layers", "must be >= 0 (0: node initialisation only)")
+    _require(k.align_margin >= 0, "model.knowledge.align_margin", "must be >= 0")
+    _require(k.align_lambda >= 0, "model.knowledge.align_lambda", "must be >= 0 (0 disables the alignment loss)")
 
     pp = p.pretrain
     _require(pp.steps >= 0, "pretrain.steps", "must be >= 0 (0: the random-init backbone)")

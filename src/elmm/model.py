@@ -22,6 +22,9 @@ Choices where the paper is silent (docs/model.md):
   decoder's attention and E_image is zero.
 - `head="lm_head"` (the paper's "head layer" ablation) scores entities with a learned entity
   embedding (Linear(D, E)) on the final hidden state of the last prompt token.
+- `knowledge` (off by default): MR-MKG's knowledge path (`elmm.knowledge`, docs/knowledge.md) puts
+  T knowledge tokens from the anchor's training subgraph before the image block,
+  [<s>, knowledge (T), I_image, I_text, text], and may add a graph term to the entity scores.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone
+from .knowledge.path import KnowledgePath
+from .knowledge.source import KnowledgeBatch, knowledge_params
 from .prompt import TextBatch
 from .pruning.layers import PrunedDecoderLayer
 
@@ -53,6 +58,7 @@ class ELMMConfig:
     entity_readout: str = "segment_end"  # segment_end | name_end: where E_entity is read
     value: str = "per_head"  # per_head | shared | low_rank: the MVTC value maps W^V
     value_rank: int = 8  # r of value=low_rank
+    knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +80,7 @@ class ELMMConfig:
             entity_readout=m.entity_readout,
             value=m.mvtc.value,
             value_rank=m.mvtc.value_rank,
+            knowledge=asdict(m.knowledge) if m.knowledge.enabled else {},
         )
 
 
@@ -159,6 +166,7 @@ class QueryOutput:
     scores: torch.Tensor  # [B, num_entities]
     query: torch.Tensor  # [B, Q] the vector the entity rows are dotted with (E'_m, or h for lm_head)
     image_tokens: int  # image tokens entering the decoder per query (block width)
+    extra_loss: torch.Tensor | None = None  # knowledge path: lambda * L_align, added to the task loss in training
 
 
 class ELMM(nn.Module):
@@ -183,6 +191,12 @@ class ELMM(nn.Module):
             self.entity_embedding = nn.Linear(dim, c.num_entities)
         else:
             raise ValueError(f"model.head: unknown head {c.head!r}")
+        # Built last, so the other components get the same initial values with or without it.
+        self.knowledge = None
+        if c.knowledge:
+            scale = float(backbone.decoder.embed_tokens.weight.detach().float().std())  # knowledge tokens start at it
+            self.knowledge = KnowledgePath(dim, 3 * dim if c.head == "completion" else dim, knowledge_params(c.knowledge),
+                                           token_scale=scale)
 
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
@@ -210,13 +224,22 @@ class ELMM(nn.Module):
         block = torch.cat(views, dim=1)
         return block, has_images[:, None].expand(b, block.shape[1])
 
-    def forward(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor, text: TextBatch) -> QueryOutput:
+    def forward(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor, text: TextBatch,
+                knowledge: KnowledgeBatch | None = None) -> QueryOutput:
         device = self.llm.device if hasattr(self.llm, "device") else patches.device
         ids, text_mask = text.ids.to(device), text.mask.to(device)
         text_embeds = self.backbone.embed_tokens(ids)
         images, image_mask = self.image_block(patches.to(device), cls.to(device), slot_mask.to(device), text_embeds,
                                               self.query_mask(text).to(device))
         b, p = image_mask.shape
+        k, extra_loss = 0, None  # k: knowledge tokens before the image block
+        if self.knowledge is not None:
+            if knowledge is None:
+                raise ValueError("this model has the knowledge path: its batches need make_batch's 'knowledge' entry")
+            tokens, token_mask, extra_loss = self.knowledge.tokens(knowledge, masked_max(text_embeds, text_mask, 1),
+                                                                   self.backbone)
+            k = tokens.shape[1]
+            images, image_mask = torch.cat([tokens.to(images.dtype), images], 1), torch.cat([token_mask, image_mask], 1)
         bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.start_token_id, device=device))
         embeds = torch.cat([bos, images.to(text_embeds.dtype), text_embeds], dim=1)
         attention_mask = self.decoder_mask(image_mask, text_mask)
@@ -225,16 +248,18 @@ class ELMM(nn.Module):
         entity_pos = text.entity_pos if self.config.entity_readout == "segment_end" else text.name_pos
         if entity_pos is None:
             raise ValueError("model.entity_readout=name_end needs TextBatch.name_pos (PromptBuilder fills it)")
-        e_entity = hidden[rows, 1 + p + entity_pos.to(device)]
-        e_relation = hidden[rows, 1 + p + text.relation_pos.to(device)]
+        e_entity = hidden[rows, 1 + k + p + entity_pos.to(device)]
+        e_relation = hidden[rows, 1 + k + p + text.relation_pos.to(device)]
         if self.config.head == "completion":
-            e_image = masked_max(hidden[:, 1:1 + p], image_mask, 1)
+            e_image = masked_max(hidden[:, 1 + k:1 + k + p], image_mask[:, k:], 1)
             query = self.completion.query(e_image, e_entity, e_relation)
             scores = self.completion.entities(query)
         else:
             query = e_relation
             scores = self.entity_embedding(query)
-        return QueryOutput(scores=scores, query=query, image_tokens=p)
+        if self.knowledge is not None:
+            scores = self.knowledge.score_candidates(scores, query, knowledge, self.backbone)
+        return QueryOutput(scores=scores, query=query, image_tokens=p, extra_loss=extra_loss)
 
     def query_mask(self, text: TextBatch) -> torch.Tensor:
         """[B, L] the text tokens the text view's query pools: the whole prompt, or (text_query =

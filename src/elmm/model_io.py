@@ -5,7 +5,7 @@
 - `config.json`: the ELMMConfig (views, heads, scoring head, pruned layers, compensation) and
   the training summary;
 - `elmm.safetensors`: what ELMM adds and trains: MVTC, completion layer (or entity embedding),
-  compensation matrices W_c (`compensation.<layer>`);
+  compensation matrices W_c (`compensation.<layer>`), the knowledge path (`knowledge.*`) when on;
 - `adapter_config.json` + `adapter_model.safetensors`: the LoRA adapter in peft's own layout
   (`LoraConfig.save_pretrained`, keys as `PeftModel.save_pretrained` writes them), so
   `PeftModel.from_pretrained(decoder, "data/model")` loads it onto the backbone's decoder once
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_dir
+from .knowledge.source import attach_knowledge
 from .model import ELMM, ELMMConfig
 from .pruning.artifact import load_pruning
 from .pruning.layers import prune_layers
@@ -32,11 +33,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
 
 
-def build_model(ws: Workspace, pruning_path=None, seed: int | None = None, head: str | None = None) -> ELMM:
+def build_model(ws: Workspace, pruning_path=None, seed: int | None = None, head: str | None = None,
+                knowledge: bool = True) -> ELMM:
     """The backbone with pruned layers installed, plus freshly initialised ELMM components.
 
     `head` overrides model.head: the pruning stages fix it, since the scoring head never changes
-    what the decoder sees (so those stages do not depend on model.head).
+    what the decoder sees (so those stages do not depend on model.head). `knowledge=False` builds
+    the model without the knowledge path whatever model.knowledge says (the pruning stages: the
+    knowledge tokens are untrained there, like the MVTC, and those stages do not depend on it).
     """
     layers, weights, compensation = ([], {}, "none") if pruning_path is None else load_pruning(pruning_path)
     prune_layers(ws.backbone.layers, weights)
@@ -45,7 +49,17 @@ def build_model(ws: Workspace, pruning_path=None, seed: int | None = None, head:
     config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, layers, compensation)
     if head is not None:
         config.head = head
-    return ELMM(ws.backbone, config)
+    if not knowledge:
+        config.knowledge = {}
+    return with_knowledge(ws, ELMM(ws.backbone, config))
+
+
+def with_knowledge(ws: Workspace, model: ELMM) -> ELMM:
+    """Attach the workspace's knowledge source (built for the model's settings) to `model`'s
+    knowledge path, if it has one; `make_batch` then adds the subgraphs to every batch."""
+    if model.knowledge is not None:
+        model.knowledge.attach(attach_knowledge(ws, model.config.knowledge))
+    return model
 
 
 def lora_config(r: int, alpha: int, dropout: float):
@@ -70,7 +84,7 @@ def add_lora(model: ELMM, config) -> bool:
 
 
 def set_trainable(model: ELMM) -> tuple[int, int]:
-    """Trainable: LoRA, MVTC, completion layer, compensation matrices. Frozen: the rest."""
+    """Trainable: LoRA, MVTC, completion layer, knowledge path, compensation matrices. Frozen: the rest."""
     total = trainable = 0
     for name, p in model.named_parameters():
         train = not name.startswith("llm.") or "lora_" in name or name.endswith(".compensation")
@@ -118,7 +132,7 @@ def load_trained(ws: Workspace, model_dir) -> ELMM:
     saved = json.loads((model_dir / "config.json").read_text())
     config = install_pruning(ws, model_dir)
     state = {k: v for k, v in load_file(str(model_dir / "elmm.safetensors")).items() if not k.startswith("compensation.")}
-    model = ELMM(ws.backbone, config)
+    model = with_knowledge(ws, ELMM(ws.backbone, config))
     if saved.get("adapter"):
         add_lora(model, LoraConfig.from_pretrained(str(model_dir)))
         weights = load_file(str(model_dir / ADAPTER_WEIGHTS))

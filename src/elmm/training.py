@@ -135,9 +135,11 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
             with ddp.no_sync() if dist.enabled and j < len(group) - 1 else nullcontext():
                 qs = q.subset(rows)
                 with autocast(device, tp.precision):
-                    out = forward_batch(ddp, make_batch(ws, qs))
+                    out = forward_batch(ddp, make_batch(ws, qs, train=True, negatives=neg[rows]))
                 loss = elmm_loss(out.scores.float(), qs.targets.to(device), neg[rows].to(device),
                                  neg_mask[rows].to(device))
+                if out.extra_loss is not None:  # the knowledge path's lambda * L_align
+                    loss = loss + out.extra_loss.float()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite training loss ({loss.item()}) at step {step + 1}; "

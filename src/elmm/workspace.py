@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .backbone import Backbone, load_backbone
 from .config import Params
@@ -18,6 +19,7 @@ class Workspace:
     backbone: Backbone
     tokens: ImageTokens
     prompts: PromptBuilder
+    knowledge: Any = None  # elmm.knowledge.source.KnowledgeSource, set by model_io for a model with the knowledge path
 
 
 def open_workspace(params: Params, kg_dir="data/kg", backbone_dir="data/backbone", encoded_dir="data/encoded") -> Workspace:
