@@ -64,7 +64,7 @@ def micro_env(tmp_path_factory) -> MicroEnv:
     generate_synthetic(kg_dir, seed=0, entities=20, images_per_entity=3, image_size=16, progress=False)
     kg = load_kg(kg_dir)
     texts = (kg.entities["name"].tolist() + kg.entities["description"].tolist() + kg.relations["name"].tolist()
-             + ["entity: , relation: inverse of"])
+             + ["entity: , relation: inverse of answer:"])
     build_tiny_backbone(backbone_dir, MICRO, texts, seed=0)
     backbone = load_backbone(backbone_dir)
     result = encode_kg_images(kg, backbone, encoded_dir, feature_layer=-2, batch_size=16, shard_rows=4096,

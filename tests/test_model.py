@@ -402,8 +402,8 @@ def test_prompt_marks_the_entity_name_and_the_relation_phrase(micro_backbone) ->
 
     text = prompts.build(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0]), torch.tensor([TAIL, HEAD, TAIL]))
     desc = ids(" , a painter of the world")[:8]
-    assert text.ids[0, : text.mask[0].sum()].tolist() == name_ids + desc + ids(" relation: has colour")
-    assert text.ids[1, : text.mask[1].sum()].tolist() == name_ids + desc + ids(" relation: inverse of has colour")
+    assert text.ids[0, : text.mask[0].sum()].tolist() == name_ids + desc + ids(" relation: has colour answer:")
+    assert text.ids[1, : text.mask[1].sum()].tolist() == name_ids + desc + ids(" relation: inverse of has colour answer:")
     assert text.entity_pos.tolist() == [len(name_ids) + len(desc) - 1] * 2 + [len(ids(" entity: Bo")) - 1]
     assert text.name_pos.tolist() == [len(name_ids) - 1] * 2 + [len(ids(" entity: Bo")) - 1]
 
@@ -463,7 +463,8 @@ def test_entity_relation_query_pools_only_name_and_relation_tokens(micro_workspa
     assert_close(_text_query(model, ws, batch, others.float()), base, **EXACT)
     name_token = torch.zeros_like(text.mask).scatter(1, text.name_pos[:, None], True)
     assert ((_text_query(model, ws, batch, name_token.float()) - base).abs().amax(dim=1) > 1e-3).all()
-    relation_token = torch.zeros_like(text.mask).scatter(1, text.relation_pos[:, None], True)
+    last_marked = text.query_mask.shape[1] - 1 - text.query_mask.flip(1).int().argmax(1)  # the phrase's last token
+    relation_token = torch.zeros_like(text.mask).scatter(1, last_marked[:, None], True)
     assert ((_text_query(model, ws, batch, relation_token.float()) - base).abs().amax(dim=1) > 1e-3).all()
     # The default query pools the whole prompt: a description token moves it.
     prompt_base = _text_query(models["prompt"], ws, batch)

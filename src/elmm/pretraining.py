@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .backbone import Backbone
 from .config import PretrainParams
 from .kg.synthetic import BACKDROPS, COLOURS, MARKS, SHAPES, Look, caption, random_look, render
+from .prompt import ANSWER_CUE
 
 CAPTION_STREAM = 7  # seed purpose of the caption pictures (the KG's images use 1)
 ATTRIBUTES = ("size", "colour", "shape", "mark", "backdrop")  # the words of a caption, in order
@@ -48,10 +49,11 @@ def entity_line(name: str, description: str) -> str:
     return f" entity: {name} , {description}" if description else f" entity: {name}"
 
 
-def triple_lines(head: str, relation: str, tail: str) -> list[str]:
-    """A training triple in the prompt's words, both directions (tail and head query phrasing)."""
-    return [f" entity: {head} relation: {relation} answer: {tail} .",
-            f" entity: {tail} relation: inverse of {relation} answer: {head} ."]
+def triple_lines(head: tuple[str, str], relation: str, tail: tuple[str, str]) -> list[str]:
+    """A training triple in the prompt's own words (elmm.prompt), both directions: the anchor's
+    (name, description), the relation phrase, the answer cue, then the answer's name."""
+    return [f"{entity_line(*head)} relation: {relation}{ANSWER_CUE} {tail[0]} .",
+            f"{entity_line(*tail)} relation: inverse of {relation}{ANSWER_CUE} {head[0]} ."]
 
 
 def _heldout(line: str, fraction: float) -> bool:
@@ -68,10 +70,10 @@ class TextCorpus:
 
 def text_corpus(kg, heldout_fraction: float) -> TextCorpus:
     """Descriptions of every entity and the verbalised train triples (never valid or test)."""
-    names = kg.entities["name"].tolist()
+    ents = list(zip(kg.entities["name"].tolist(), kg.entities["description"].tolist()))
     rel = kg.relations["name"].tolist()
-    descriptions = [entity_line(n, d) for n, d in zip(names, kg.entities["description"].tolist())]
-    triples = [line for h, r, t in kg.triples["train"].tolist() for line in triple_lines(names[h], rel[r], names[t])]
+    descriptions = [entity_line(n, d) for n, d in ents]
+    triples = [line for h, r, t in kg.triples["train"].tolist() for line in triple_lines(ents[h], rel[r], ents[t])]
     heldout = [x for x in descriptions + triples if _heldout(x, heldout_fraction)]
     keep = set(heldout)
     return TextCorpus([x for x in descriptions if x not in keep], [x for x in triples if x not in keep], heldout)
@@ -87,12 +89,24 @@ def caption_pictures(n: int, image_size: int, seed: int, stream: int) -> list[tu
     return out
 
 
+IMAGE_QUESTIONS = {"colour": "has colour", "shape": "has shape", "mark": "has mark"}  # the world's image relations
+
+
+def caption_text(look: Look) -> str:
+    """A picture's caption, then one image question in the prompt's words, answered with the
+    concept's name ("... ; relation: has mark answer: mark white ."): the decoder learns to answer
+    a relation about the image tokens before it, as it will be asked to in the ELMM prompt."""
+    kind = tuple(IMAGE_QUESTIONS)[int(look.size * 1000) % 3]  # a fixed, picture-dependent choice
+    return f" {caption(look)} ; relation: {IMAGE_QUESTIONS[kind]}{ANSWER_CUE} {kind} {getattr(look, kind)} ."
+
+
 def tokenizer_texts(kg) -> list[str]:
     """What the tiny backbone's tokenizer is trained on: the KG's text, captions' words, templates."""
     words = [caption(Look(c, sh, m, b, size)) for c in COLOURS for sh in SHAPES for m in MARKS for b in BACKDROPS
              for size in (0.5, 0.8)]
     return (kg.entities["name"].tolist() + kg.entities["description"].tolist() + kg.relations["name"].tolist()
-            + words + [" entity: , relation: inverse of answer: ."])
+            + words + [caption_text(Look("red", "circle", "white", "grey", 0.5 + i / 1000)) for i in range(3)]
+            + [" entity: , relation: inverse of answer: ."])
 
 
 # ---------------------------------------------------------------------------------- batches
@@ -137,7 +151,7 @@ class Encoder:
         return torch.stack(out)
 
     def captions(self, pictures: list[tuple[Look, bytes]]) -> Batch:
-        ids, mask = _pad([[self.bos, *self.ids(" " + caption(look))] for look, _ in pictures], self.pad)
+        ids, mask = _pad([[self.bos, *self.ids(caption_text(look))] for look, _ in pictures], self.pad)
         return Batch(ids, mask, self.pixels([data for _, data in pictures]))
 
 
@@ -259,7 +273,7 @@ def caption_accuracy(backbone: Backbone, pictures: list[tuple[Look, bytes]], fea
         mask = torch.cat([batch.mask[:, :1], torch.ones(image.shape[:2], dtype=torch.bool), batch.mask[:, 1:]], 1)
         hidden = backbone.decoder(inputs_embeds=embeds, attention_mask=mask.long()).last_hidden_state
         for i, (look, _) in enumerate(chunk):
-            text = " " + caption(look)
+            text = caption_text(look)
             words = {"size": "small" if look.size < 0.65 else "large", "colour": look.colour, "shape": look.shape,
                      "mark": look.mark, "backdrop": look.backdrop}
             for attr, word in words.items():

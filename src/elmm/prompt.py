@@ -2,8 +2,12 @@
 
 Template (tokens after the image block):
 
-    " entity: {name} , {description}"  " relation: {relation name}"            predict the tail
-    " entity: {name} , {description}"  " relation: inverse of {relation name}" predict the head
+    " entity: {name} , {description}"  " relation: {relation name} answer:"            predict the tail
+    " entity: {name} , {description}"  " relation: inverse of {relation name} answer:" predict the head
+
+The closing " answer:" is the cue the tiny backbone was pretrained with (elmm.pretraining writes the
+training triples in these same words, followed by the answer's name), so E_relation is read where
+the language model predicts the answer.
 
 The description is truncated to `max_text_tokens` tokens. The completion layer reads the hidden
 state at the last token of the entity segment (E_entity: in a causal decoder it has seen the
@@ -42,24 +46,29 @@ class TextBatch:
     query_mask: torch.Tensor | None = None  # [B, L] True on the entity-name and relation-phrase tokens
 
 
-def _marked_ids(tokenizer, prefix: str, body: str) -> tuple[list[int], list[bool]]:
-    """The token ids of `prefix + body` (tokenised as one string) and, per token, whether it covers
-    a character of `body`.
+ANSWER_CUE = " answer:"  # closes the relation segment (and the pretraining corpus's triple lines)
+
+
+def _marked_ids(tokenizer, prefix: str, body: str, suffix: str = "") -> tuple[list[int], list[bool]]:
+    """The token ids of `prefix + body + suffix` (tokenised as one string) and, per token, whether it
+    covers a character of `body`.
 
     Fast tokenizers report character offsets; for a slow one, the tokens after the longest common
-    prefix with the tokenised `prefix` (without its trailing space) count as `body`.
+    prefix with the tokenised `prefix` (without its trailing space), and before the tokens of the
+    suffix, count as `body`.
     """
-    text = prefix + body
+    text = prefix + body + suffix
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:  # slow tokenizers have no offsets
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         head = tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]
+        tail = len(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else 0
         n = 0
         while n < min(len(head), len(ids)) and head[n] == ids[n]:
             n += 1
-        return ids, [i >= n for i in range(len(ids))]
-    start, end = len(prefix), len(text)
+        return ids, [n <= i < len(ids) - tail for i in range(len(ids))]
+    start, end = len(prefix), len(prefix) + len(body)
     return list(enc["input_ids"]), [s < end and e > start for s, e in enc["offset_mapping"]]
 
 
@@ -88,7 +97,7 @@ class PromptBuilder:
         self.relation_flags: list[list[list[bool]]] = [[], []]
         for r in relation_names:
             for direction, phrase in ((TAIL, r), (HEAD, f"inverse of {r}")):
-                rel_ids, rel_flags = _marked_ids(tokenizer, " relation: ", phrase)
+                rel_ids, rel_flags = _marked_ids(tokenizer, " relation: ", phrase, ANSWER_CUE)
                 self.relation_ids[direction].append(rel_ids)
                 self.relation_flags[direction].append(rel_flags)
 
