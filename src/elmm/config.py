@@ -150,7 +150,7 @@ class BaselinesParams:
     kge: Literal["rotate", "none"] = "rotate"  # the structure-only KGE baseline (rotate needs `.[kge]`)
     dim: int = 256
     lr: float = 0.01
-    max_epochs: int = 25
+    max_epochs: int = 20
     patience: int = 2
     eval_every: int = 5
     negatives: int = 16
