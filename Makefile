@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from the pinned version (a CPU wheel where one is provided locally)
 	$(PY) -m pip install -q -c requirements.lock torch
-	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev,kge]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,6 @@
 """Stage `evaluate`: exact filtered ranking of every entity for head and tail queries of the test
 split (filters from train + valid + test); writes metrics/evaluate.json, and every query's ranks
-to metrics/ranks/<split>.csv (elmm.rank_table; git-tracked, for paired comparisons of experiments).
+to metrics/ranks/model.csv (elmm.rank_table; git-tracked, for paired comparisons of experiments).
 
 Also builds the faiss index over the scoring head's entity vectors (bias folded in, see
 elmm.retrieval) into data/index, and measures its recall@k against the exact ranking.

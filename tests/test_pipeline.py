@@ -7,6 +7,7 @@ an experiment `dvc exp show` lists.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import yaml
 from conftest import deep_update
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "pretrain", "encode", "similarity", "calibrate", "train", "evaluate"]
+STAGES = ["download", "baselines", "pretrain", "encode", "similarity", "calibrate", "train", "evaluate"]
 
 MICRO = {
     "data": {"synthetic": {"entities": 24, "images_per_entity": 3, "image_size": 16, "corrupt_images": 1,
@@ -34,6 +35,9 @@ MICRO = {
     "prune": {"k": 2, "samples": 24, "batch_size": 8},
     "train": {"epochs": 1, "batch_size": 16, "negatives": 4, "warmup_steps": 1},
     "evaluate": {"batch_size": 32},
+    # RotatE where PyKEEN is installed (the `kge` extra), tiny and quick
+    "baselines": {"kge": "rotate" if importlib.util.find_spec("pykeen") else "none", "dim": 8, "max_epochs": 2,
+                  "eval_every": 1, "negatives": 4},
 }
 
 
@@ -137,6 +141,11 @@ def test_metrics_files_have_the_documented_keys(repo):
     assert {"ridge", "paper"} <= set(cal["total"])
     train = json.loads((path / "metrics/train/metrics.json").read_text())
     assert "train" in train and "valid" in train
+    base = json.loads((path / "metrics/baselines.json").read_text())
+    assert base["queries"] == ev["queries"] and {"prior", "ceiling", "kge", "seconds"} <= set(base)
+    for name, sides in base["prior"]["per_relation"].items():
+        assert base["ceiling"]["per_relation"][name].keys() == sides.keys()
+    assert (path / "metrics/ranks/prior.csv").read_text().startswith("query,relation,direction,anchor,target,rank,")
 
 
 @pytest.mark.integration
@@ -175,8 +184,8 @@ def test_exp_run_with_override_is_listed_by_exp_show(repo):
     from elmm.experiments import load_experiments
 
     rows = {r["params"]["train"]["lr"]: r for r in load_experiments(show[show.index("["):])}
-    exp_ranks = run(["git", "show", f"{rows[0.002]['rev']}:metrics/ranks/test.csv"], path, env)
-    base_ranks = run(["git", "show", f"{rows[3e-4]['rev']}:metrics/ranks/test.csv"], path, env)
+    exp_ranks = run(["git", "show", f"{rows[0.002]['rev']}:metrics/ranks/model.csv"], path, env)
+    base_ranks = run(["git", "show", f"{rows[3e-4]['rev']}:metrics/ranks/model.csv"], path, env)
     header = "query,relation,direction,anchor,target,rank,optimistic,pessimistic"
     assert exp_ranks.splitlines()[0] == base_ranks.splitlines()[0] == header
     assert [r.split(",")[:5] for r in exp_ranks.splitlines()] == [r.split(",")[:5] for r in base_ranks.splitlines()]

@@ -120,7 +120,7 @@ def test_config_defaults_agree_with_params_yaml() -> None:
 
 def _entry_points() -> list[list[str]]:
     stages = [[sys.executable, str(s)] for s in sorted(STAGES.glob("[!_]*.py"))]
-    modules = [[sys.executable, "-m", m] for m in ("elmm.experiments", "elmm.predict", "elmm.param_count")]
+    modules = [[sys.executable, "-m", m] for m in ("elmm.experiments", "elmm.predict", "elmm.param_count", "elmm.kge")]
     return stages + modules
 
 

@@ -280,7 +280,7 @@ def test_evaluate_json_has_every_field(fresh) -> None:
 
 
 def test_evaluate_writes_the_per_query_ranks(fresh, micro_env) -> None:
-    """metrics/ranks/test.csv: one row per test query in queries_from_triples order, whose ranks give
+    """metrics/ranks/model.csv: one row per test query in queries_from_triples order, whose ranks give
     evaluate.json's MRR and Hits@1, with the anchor-rank summary beside them."""
     from elmm.kg.format import load_kg
     from elmm.kg.queries import queries_from_triples
@@ -288,9 +288,9 @@ def test_evaluate_writes_the_per_query_ranks(fresh, micro_env) -> None:
 
     project = fresh("uniform")
     ev = json.loads((project / "metrics/evaluate.json").read_text())
-    lines = (project / "metrics/ranks/test.csv").read_text().splitlines()
+    lines = (project / "metrics/ranks/model.csv").read_text().splitlines()
     assert lines[0] == ",".join(COLUMNS)
-    table = read_rank_table(project / "metrics/ranks/test.csv")
+    table = read_rank_table(project / "metrics/ranks/model.csv")
     q = queries_from_triples(load_kg(micro_env.kg_dir).triples["test"])
     assert table["query"].tolist() == list(range(len(q))) == list(range(ev["queries"]))
     assert table["anchor"].tolist() == q.anchors.tolist() and table["target"].tolist() == q.targets.tolist()

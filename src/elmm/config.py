@@ -183,6 +183,21 @@ class EvaluateParams:
 
 
 @dataclass
+class BaselinesParams:
+    """Stage `baselines` (docs/baselines.md). The RotatE settings were chosen by `python -m elmm.kge tune`."""
+
+    kge: Literal["rotate", "none"] = "rotate"  # the structure-only KGE baseline (rotate needs `.[kge]`)
+    dim: int = 256
+    lr: float = 0.01
+    max_epochs: int = 20
+    patience: int = 2
+    eval_every: int = 5
+    negatives: int = 16
+    batch_size: int = 64
+    margin: float = 6.0
+
+
+@dataclass
 class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
@@ -192,6 +207,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    baselines: BaselinesParams = field(default_factory=BaselinesParams)
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -383,6 +399,11 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(ev.index_ef_search >= 1, "evaluate.index_ef_search", "must be at least 1")
     _require(ev.index_nlist >= 0, "evaluate.index_nlist", "must be >= 0 (0 = about sqrt(entities))")
     _require(ev.index_nprobe >= 1, "evaluate.index_nprobe", "must be at least 1")
+    b = p.baselines
+    for key in ("dim", "max_epochs", "patience", "eval_every", "negatives", "batch_size"):
+        _require(getattr(b, key) >= 1, f"baselines.{key}", "must be at least 1")
+    _require(b.lr > 0, "baselines.lr", "must be > 0")
+    _require(b.margin > 0, "baselines.margin", "must be > 0")
 
 
 def from_dict(raw: dict | None) -> Params:

@@ -15,7 +15,7 @@ recompute a metric. A replicate changes the top-level `seed`, which regenerates 
 world, the tiny backbone and the training order: it measures the spread over all three.
 
 Paired comparisons (`table --by-seed --baseline NAME`): two experiments with the same seed rank
-the same test queries, so their per-query ranks (metrics/ranks/test.csv, which every experiment
+the same test queries, so their per-query ranks (metrics/ranks/model.csv, which every experiment
 commit carries; read with `git show <rev>:...`) pair query by query. The per-query differences in
 reciprocal rank and Hits@1 are pooled over the seeds both groups ran, and `bootstrap_interval`
 resamples queries with replacement within each seed (10,000 times, fixed RNG seed) for a 95%
@@ -228,7 +228,7 @@ RankReader = Callable[[dict], dict[str, np.ndarray]]
 
 
 def git_rank_reader(row: dict) -> dict[str, np.ndarray]:
-    """The rank table of an experiment row, from its commit: `git show <rev>:metrics/ranks/<split>.csv`."""
+    """The rank table of an experiment row, from its commit: `git show <rev>:metrics/ranks/model.csv`."""
     path = ranks_path(row["metrics"].get("split", "test"))
     proc = subprocess.run(["git", "show", f"{row['rev']}:{path}"], capture_output=True, text=True)
     if proc.returncode != 0:

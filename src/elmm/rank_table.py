@@ -1,4 +1,4 @@
-"""Per-query ranks as a CSV file: `metrics/ranks/<split>.csv`, written by `evaluate`, read by
+"""Per-query ranks as a CSV file: `metrics/ranks/model.csv`, written by `evaluate`, read by
 `elmm.experiments` for paired comparisons between experiments.
 
 One row per query, in the order of `queries_from_triples(<split> triples)` (every triple's tail
@@ -32,9 +32,12 @@ KEY_COLUMNS = ("query", "relation", "direction", "anchor", "target")  # what ide
 DIRECTIONS = ("tail", "head")  # index = the direction code (elmm.kg.queries TAIL = 0, HEAD = 1)
 
 
-def ranks_path(split: str) -> str:
-    """Where `evaluate` writes the ranks of `split`, relative to the repository root."""
-    return f"metrics/ranks/{split}.csv"
+MODEL_RANKS = "metrics/ranks/model.csv"  # the model's, of evaluate.split (recorded in evaluate.json)
+
+
+def ranks_path(split: str | None = None) -> str:
+    """Where `evaluate` writes the model's per-query ranks (whatever the split), relative to the repo root."""
+    return MODEL_RANKS
 
 
 def _number(value: float) -> str:
