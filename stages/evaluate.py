@@ -8,10 +8,12 @@ elmm.retrieval) into data/index, and measures its recall@k against the exact ran
 
 import sys
 import time
+from pathlib import Path
 
 from _common import device, params, parse_args, setup
+from elmm.baselines import check_against_ceilings, format_against_baselines, read_against_baselines
 from elmm.evaluation import TIE_ATOL, TIE_RTOL
-from elmm.io import write_json
+from elmm.io import read_json, write_json
 from elmm.kg.queries import FilterIndex, queries_from_triples
 from elmm.model_io import load_trained
 from elmm.rank_table import ranks_path, write_rank_table
@@ -29,6 +31,7 @@ from elmm.retrieval import (
 from elmm.workspace import open_workspace
 
 INDEX_DIR = "data/index"
+BASELINES = "metrics/baselines.json"  # from the baselines stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,6 +112,15 @@ def main(argv: list[str] | None = None) -> None:
         },
         "index": index_report,
     }
+    # Every result beside its floor, KGE and ceiling; a score above its ceiling is a leak.
+    violations = []
+    if Path(BASELINES).is_file():
+        baselines = read_json(BASELINES)
+        if baselines.get("split") == ev.split and baselines.get("queries") == res.queries:
+            report["against_baselines"] = read_against_baselines(m, baselines)
+            ceiling = (baselines.get("ceiling") or {}).get("per_relation")
+            if ceiling:
+                violations = check_against_ceilings(m["per_relation"], ceiling)
     write_json("metrics/evaluate.json", report)
     print(f"evaluate: {ev.split} MRR {m['mrr']:.4f}  MR {m['mr']:.1f}  Hits@1 {m['hits_at_1']:.4f}  "
           f"Hits@3 {m['hits_at_3']:.4f}  Hits@10 {m['hits_at_10']:.4f}  ({res.queries} queries, "
@@ -120,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         sides = "  ".join(f"{side} {r[side]['mrr']:.4f}" for side in ("tail", "head") if side in r)
         print(f"evaluate:   {name:24s} MRR {r['mrr']:.4f} ({sides})  Hits@10 {r['hits_at_10']:.4f}  "
               f"({r['count']} queries)")
+    if "against_baselines" in report:
+        print(format_against_baselines(report["against_baselines"]))
+    if violations:
+        for v in violations:
+            print(f"evaluate: LEAK? {v.relation} {v.side}: MRR {v.score:.4f} is more than 3 SE above its Bayes "
+                  f"ceiling {v.ceiling:.4f} (SE {v.se:.4f})", file=sys.stderr)
+        sys.exit("error: scores above their Bayes ceiling (metrics/baselines.json): an answer leaks into the input")
     if meters:
         print(f"evaluate: index {ev.index} recall@{ev.index_k} {index_report['recall_at_k']:.4f} "
               f"(flat {index_report['flat_recall_at_k']:.4f}) -> {INDEX_DIR}")

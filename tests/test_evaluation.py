@@ -150,6 +150,10 @@ def test_summarize_hand_computed() -> None:
     assert metrics["hits_at_1"] == pytest.approx(0.25)
     assert metrics["hits_at_3"] == pytest.approx(0.5)
     assert metrics["hits_at_10"] == pytest.approx(0.75)
+    rr = [1, 1 / 2, 1 / 4, 1 / 12.5]
+    mean = sum(rr) / 4
+    sd = (sum((x - mean) ** 2 for x in rr) / 3) ** 0.5  # sample sd
+    assert metrics["mrr_se"] == pytest.approx(sd / 2, abs=1e-6)
     assert metrics["mrr_optimistic"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 10) / 4, abs=1e-6)
     assert metrics["mrr_pessimistic"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 15) / 4, abs=1e-6)
     assert metrics["amr"] == pytest.approx((19.5 / 4) / ((5.5 + 5.5 + 10.5 + 15.5) / 4), abs=1e-6)

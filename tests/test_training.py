@@ -302,3 +302,31 @@ def test_evaluate_writes_the_per_query_ranks(fresh, micro_env) -> None:
     assert ev["anchor_rank"]["count"] == ev["queries"] and 0 <= ev["anchor_rank"]["first"] <= 1
     some = next(iter(ev["per_relation"].values()))
     assert "anchor_rank" in some.get("tail", some.get("head"))
+
+
+def test_evaluate_reads_results_against_the_baselines_and_stops_on_a_leak(fresh, make_project, run_stage) -> None:
+    """With metrics/baselines.json present, evaluate.json carries the prior/KGE/ceiling beside every
+    relation and side; a score more than 3 SE above its ceiling stops the stage, naming it."""
+    import shutil
+
+    project = make_project(UNIFORM)
+    shutil.copytree(fresh("uniform") / "data/model", project / "data/model")
+    ev = json.loads((fresh("uniform") / "metrics/evaluate.json").read_text())
+    per_relation = {name: {side: {"mrr": 0.0, "mrr_se": 0.001, "count": r[side]["count"]}
+                           for side in ("tail", "head") if side in r} for name, r in ev["per_relation"].items()}
+    fake = {"split": "test", "queries": ev["queries"], "prior": {"mrr": 0.01, "per_relation": per_relation},
+            "kge": None, "ceiling": {"mrr": 0.0, "per_relation": per_relation}}
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics/baselines.json").write_text(json.dumps(fake))
+    with pytest.raises(SystemExit, match="above their Bayes ceiling"):
+        run_stage("evaluate", project)
+    written = json.loads((project / "metrics/evaluate.json").read_text())
+    first = next(iter(written["against_baselines"]["per_relation"].values()))
+    assert {"model", "prior", "kge", "ceiling", "z_prior"} <= set(next(iter(first.values())))
+    assert written["against_baselines"]["overall"] == {"model": ev["mrr"], "prior": 0.01, "kge": None, "ceiling": 0.0}
+    # A ceiling that holds: the same stage passes.
+    for sides in per_relation.values():
+        for side in sides.values():
+            side["mrr"] = 1.0
+    (project / "metrics/baselines.json").write_text(json.dumps(fake))
+    run_stage("evaluate", project)

@@ -377,6 +377,53 @@ def check_against_ceilings(metrics_by_relation_side: Mapping[str, Mapping[str, M
     return violations
 
 
+def read_against_baselines(model: Mapping[str, Any], baselines: Mapping[str, Any]) -> dict:
+    """The model's metrics beside the floor, the KGE and the ceiling of `metrics/baselines.json`.
+
+    `model` is evaluate's metrics (overall keys plus `per_relation`). Returns `overall` (MRR of
+    each) and, per relation and side, the four MRRs and the model's margin over the prior in units
+    of the paired-free SE sqrt(se_model^2 + se_prior^2) (`z_prior`; > 2 is the testbed's bar).
+    """
+    def mrr(block):
+        return None if not block else block.get("mrr")
+
+    out = {"overall": {"model": model.get("mrr"), **{k: mrr(baselines.get(k)) for k in ("prior", "kge", "ceiling")}},
+           "per_relation": {}}
+    for relation, sides in model.get("per_relation", {}).items():
+        for side in SIDES:
+            if side not in sides:
+                continue
+            m = sides[side]
+            row = {"model": m.get("mrr"), "model_se": m.get("mrr_se")}
+            for k in ("prior", "kge", "ceiling"):
+                ref = ((baselines.get(k) or {}).get("per_relation") or {}).get(relation, {}).get(side)
+                row[k] = mrr(ref)
+                row[f"{k}_se"] = None if not ref else ref.get("mrr_se")
+            if row["prior"] is not None and row["model"] is not None:
+                se = math.sqrt((row["model_se"] or 0.0) ** 2 + (row["prior_se"] or 0.0) ** 2)
+                row["z_prior"] = round((row["model"] - row["prior"]) / se, 2) if se > 0 else None
+            out["per_relation"].setdefault(relation, {})[side] = row
+    return out
+
+
+def format_against_baselines(table: Mapping[str, Any]) -> str:
+    """`read_against_baselines`'s table as the evaluate stage prints it."""
+    def f(x):
+        return "   -  " if x is None else f"{x:.4f}"
+
+    o = table["overall"]
+    lines = [f"evaluate: MRR overall: model {f(o['model'])}  prior {f(o['prior'])}  KGE {f(o['kge'])}  "
+             f"ceiling {f(o['ceiling'])}",
+             f"evaluate:   {'relation':24s} side  model(±SE)        prior   KGE     ceiling  z vs prior"]
+    for relation, sides in table["per_relation"].items():
+        for side, r in sides.items():
+            se = "" if r["model_se"] is None else f"±{r['model_se']:.3f}"
+            z = "" if r.get("z_prior") is None else f"{r['z_prior']:+.1f}"
+            lines.append(f"evaluate:   {relation:24s} {side:4s}  {f(r['model'])}{se:8s}  {f(r['prior'])}  "
+                         f"{f(r['kge'])}  {f(r['ceiling'])}   {z}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- rank tables
 
 

@@ -83,7 +83,7 @@ class MVTCParams:
     enabled: bool = True
     text_view: bool = True
     image_view: bool = True
-    heads: int = 8
+    heads: int = 4
     text_query: Literal["prompt", "entity_relation"] = "prompt"  # what the text view's query X_t max-pools
     value: Literal["per_head", "shared", "low_rank"] = "per_head"  # the value maps W^V (docs/model.md)
     value_rank: int = 8  # r of value=low_rank
@@ -151,11 +151,11 @@ class LoraParams:
 @dataclass
 class TrainParams:
     lr: float = 3e-4
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int | None = None
-    patience: int = 0  # stop after this many epochs without a better validation MRR; 0 = train every epoch
+    patience: int = 2  # stop after this many epochs without a better validation MRR; 0 = train every epoch
     negatives: int = 32
     self_denoise: bool = True
     warmup_steps: int = 20

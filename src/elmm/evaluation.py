@@ -183,7 +183,7 @@ def _round(value: float) -> float:
 def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[str, float | int | None]:
     """The flat metric dict for one set of ranks (output of `compute_ranks`, any batch size).
 
-    Keys: `mr, mrr, hits_at_<k>..., mrr_optimistic, mrr_pessimistic, amr, candidates, count`.
+    Keys: `mr, mrr, hits_at_<k>..., mrr_se, mrr_optimistic, mrr_pessimistic, amr, candidates, count`.
     """
     # float64 on CPU: means over millions of ranks should not lose precision.
     opt = torch.as_tensor(ranks["optimistic"]).detach().cpu().double().reshape(-1)
@@ -192,7 +192,7 @@ def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[s
     cand = torch.as_tensor(ranks["candidates"]).detach().cpu().double().reshape(-1)
     count = int(real.numel())
     keys = ["mr", "mrr", *(f"hits_at_{k}" for k in hits)]
-    keys += ["mrr_optimistic", "mrr_pessimistic", "amr", "candidates"]
+    keys += ["mrr_se", "mrr_optimistic", "mrr_pessimistic", "amr", "candidates"]
     if count == 0:
         return {**{key: None for key in keys}, "count": 0}
 
@@ -200,6 +200,8 @@ def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[s
     result: dict[str, float | int | None] = {"mr": _round(mr), "mrr": _round((1.0 / real).mean().item())}
     for k in hits:
         result[f"hits_at_{k}"] = _round((real <= k).double().mean().item())
+    # Standard error of the MRR over queries (sample sd of the reciprocal ranks / sqrt(n)).
+    result["mrr_se"] = _round((1.0 / real).std().item() / count**0.5) if count > 1 else 0.0
     result["mrr_optimistic"] = _round((1.0 / opt).mean().item())
     result["mrr_pessimistic"] = _round((1.0 / pes).mean().item())
     # Expected mean rank of a random scorer is mean((C_i + 1) / 2).
@@ -210,7 +212,7 @@ def summarize(ranks: dict[str, Any], hits: Sequence[int] = (1, 3, 10)) -> dict[s
 
 
 # What a per-relation side breakdown keeps (the full set would make `dvc metrics show` unreadable).
-SIDE_KEYS = ("mr", "mrr", "hits_at_1", "hits_at_10", "count")
+SIDE_KEYS = ("mr", "mrr", "mrr_se", "hits_at_1", "hits_at_10", "count")
 
 
 def summarize_anchor(realistic: Any) -> dict[str, float | int | None]:
