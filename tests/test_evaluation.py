@@ -194,7 +194,8 @@ def test_accumulator_sides_and_relations() -> None:
     assert per_relation["knows"]["mr"] == pytest.approx(8.25)  # realistic [4, 12.5]
     assert per_relation["knows"]["count"] == 2
     # ... and split by side: likes tail 1 / head 2, knows tail 4 / head 12.5.
-    assert per_relation["likes"]["tail"] == {"mr": 1.0, "mrr": 1.0, "hits_at_1": 1.0, "hits_at_10": 1.0, "count": 1}
+    assert per_relation["likes"]["tail"] == {"mr": 1.0, "mrr": 1.0, "mrr_se": 0.0, "hits_at_1": 1.0, "hits_at_10": 1.0,
+                                             "count": 1}
     assert per_relation["likes"]["head"]["mrr"] == pytest.approx(0.5)
     assert per_relation["knows"]["tail"]["mr"] == pytest.approx(4.0)
     assert per_relation["knows"]["head"]["mrr"] == pytest.approx(1 / 12.5)
