@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -169,9 +172,28 @@ def train_kge(train: np.ndarray, valid: np.ndarray, num_entities: int, num_relat
     # among them) frozen out of the collector's view, that no longer costs ~0.3 s an epoch.
     gc.freeze()
     try:
-        return _train(pykeen, training, validation, config, seed)
+        with _quiet():
+            return _train(pykeen, training, validation, config, seed)
     finally:
         gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """PyKEEN and torch_max_mem log every evaluation and warn about CPU batch sizes at INFO/WARNING:
+    keep the stage's log to what it prints itself (errors still show)."""
+    loggers = [logging.getLogger(name) for name in ("pykeen", "torch_max_mem")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _train(pykeen, training, validation, config: KGEConfig, seed: int) -> TrainedKGE:
