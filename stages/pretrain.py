@@ -18,7 +18,7 @@ from _common import params, parse_args, setup
 from elmm.backbone import TINY_BACKBONES, make_tiny_backbone, save_backbone, write_backbone_pointer
 from elmm.io import write_csv_rows, write_json
 from elmm.kg.format import load_kg
-from elmm.pretraining import caption_pictures, evaluate_pretraining, pretrain, text_corpus, tokenizer_texts
+from elmm.pretraining import caption_pictures, evaluate_pretraining, pretrain, reading_exercises, text_corpus, tokenizer_texts
 
 OUT_DIR = "data/backbone"
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     if p.model.backbone not in TINY_BACKBONES:
         write_backbone_pointer(OUT_DIR, p.model.backbone)
         write_json("metrics/pretrain.json", {"backbone": p.model.backbone, "pretrained_here": False})
-        write_csv_rows("metrics/plots/pretrain.csv", [{"step": 0, "caption_loss": "", "text_loss": ""}])
+        write_csv_rows("metrics/plots/pretrain.csv", [{"step": 0, "caption_loss": "", "text_loss": "", "reading_loss": ""}])
         print(f"pretrain: {p.model.backbone} is used as it is; {OUT_DIR} records the reference")
         return
 
@@ -41,12 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     corpus = text_corpus(kg, pp.heldout_text)
     pictures = caption_pictures(pp.pictures, tiny.image_size, p.seed, stream=0)
     heldout = caption_pictures(pp.heldout_pictures, tiny.image_size, p.seed, stream=1)
+    taken = {n.lower() for n in kg.entities["name"]}  # exercises are about invented entities only
+    exercises = reading_exercises(pp.heldout_pictures, p.seed, 0, taken)
     print(f"pretrain: {len(pictures)} captioned pictures, {len(corpus.descriptions)} descriptions, "
           f"{len(corpus.triples)} verbalised train triples ({len(corpus.heldout)} lines and "
           f"{len(heldout)} pictures held out)")
-    random_init = evaluate_pretraining(backbone, heldout, corpus.heldout, layer)
+    random_init = evaluate_pretraining(backbone, heldout, corpus.heldout, layer, exercises)
 
-    window: dict[str, list[float]] = {"caption": [], "text": []}
+    window: dict[str, list[float]] = {"caption": [], "text": [], "reading": []}
     curve: list[dict] = []
 
     def log(name: str, value: float, step: int) -> None:
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             for v in window.values():
                 v.clear()
 
-    summary = pretrain(backbone, corpus, pictures, pp, feature_layer=layer, seed=p.seed, log=log)
-    pretrained = evaluate_pretraining(backbone, heldout, corpus.heldout, layer)
+    summary = pretrain(backbone, corpus, pictures, pp, feature_layer=layer, seed=p.seed, log=log, taken_names=taken)
+    pretrained = evaluate_pretraining(backbone, heldout, corpus.heldout, layer, exercises)
     save_backbone(OUT_DIR, backbone, {"kind": f"tiny-{family}", "seed": p.seed, "params": tiny.__dict__,
                                       "pretrained": True})
     write_json("metrics/pretrain.json", {
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     })
     write_csv_rows("metrics/plots/pretrain.csv", curve)
     acc = pretrained["caption_accuracy"]
+    print(f"pretrain: reading accuracy on new exercises {pretrained['reading_accuracy']:.2f} (random init "
+          f"{random_init['reading_accuracy']:.2f}; without attention {pretrained['reading_accuracy_without_attention']:.2f})")
     print(f"pretrain: {summary['steps']} steps in {summary['seconds']} s; held-out caption accuracy "
           + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     for kind in ("caption", "text"):

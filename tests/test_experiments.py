@@ -88,8 +88,9 @@ def test_seed_table_groups_replicates_and_selects_a_side():
 def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
     from elmm.experiments import queue_commands
 
-    cmds = queue_commands("prune.k=range(0,9,2)", half_layers=16)
+    cmds = queue_commands("prune.k=range(0,9,2)", half_layers=16, layers=32)
     overrides = {c[c.index("-S") + 1] for c in cmds}
+    assert "prune.k=32" in overrides  # no-attention, the testbed's positive control (K = L)
     assert {"model.mvtc.image_view=false", "model.mvtc.text_view=false", "model.mvtc.enabled=false", "prune.k=0",
             "prune.compensation=none", "prune.init=zero", "model.head=lm_head", "train.max_steps=0",
             "train.self_denoise=false", "prune.k=range(0,9,2)"} <= overrides
@@ -114,7 +115,8 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
 
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     said = []
-    cmds = queue_commands(None, half_layers=base["model"]["tiny"]["layers"] // 2, base_params=base, say=said.append)
+    cmds = queue_commands(None, half_layers=base["model"]["tiny"]["layers"] // 2, base_params=base, say=said.append,
+                          layers=base["model"]["tiny"]["layers"])
     names = [c[c.index("-n") + 1] for c in cmds]
     assert not any(n.startswith("half-") for n in names) and "no-self-denoise" in names
     assert said == ["skipping half-ridge: the same params as the baseline",
@@ -122,7 +124,7 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
                     "skipping half-zero-init: the same params as no-init"] + (
         [] if base["model"]["knowledge"]["enabled"] else ["skipping no-knowledge: the same params as the baseline"])
     # A baseline at another K queues them.
-    other = queue_commands(None, half_layers=4, base_params={**base, "prune": {**base["prune"], "k": 2}})
+    other = queue_commands(None, half_layers=4, base_params={**base, "prune": {**base["prune"], "k": 2}}, layers=8)
     assert sum(c[c.index("-n") + 1].startswith("half-") for c in other) == 4
     # The paper's lr grid, as one queued sweep (Hydra's comma list).
     (lr,) = queue_commands(LR_SWEEP, only=["full"])

@@ -73,6 +73,7 @@ class PretrainParams:
     weight_decay: float = 0.01
     caption_share: float = 0.5  # share of steps that are caption batches (the rest read text)
     triples_after: float = 0.3  # share of the steps before verbalised train triples join the text
+    reading_share: float = 0.5  # share of the text steps that are reading exercises about invented entities
     pictures: int = 4000  # rendered caption pictures to train on
     heldout_pictures: int = 256
     heldout_text: float = 0.05  # share of text lines kept out, to measure held-out loss
@@ -349,6 +350,7 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(pp.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
     _check_fraction(pp.caption_share, "pretrain.caption_share")
     _check_fraction(pp.triples_after, "pretrain.triples_after")
+    _check_fraction(pp.reading_share, "pretrain.reading_share")
     _require(pp.pictures >= pp.batch_size or pp.caption_share == 0, "pretrain.pictures",
              f"must be at least pretrain.batch_size ({pp.batch_size})")
     _require(pp.heldout_pictures >= 1, "pretrain.heldout_pictures", "must be at least 1")

@@ -55,6 +55,8 @@ ABLATIONS = {
     "no-init": ["prune.init=zero"],
     "lm-head": ["model.head=lm_head"],
     "no-self-denoise": ["train.self_denoise=false"],
+    # the testbed's positive control: every attention sub-block removed (K = L)
+    "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
     "half-ridge": ["prune.k={half_layers}", "prune.compensation=ridge", "prune.init=closed_form"],
     "half-paper": ["prune.k={half_layers}", "prune.compensation=paper", "prune.init=closed_form"],
@@ -333,13 +335,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def resolve_overrides(overrides: list[str], half_layers: int | None) -> list[str]:
-    """The `-S` overrides of an ablation with `{half_layers}` filled in."""
-    if any("{half_layers}" in o for o in overrides):
-        if half_layers is None:
-            raise SystemExit(f"{overrides}: needs the backbone's decoder depth (pass --layers L)")
-        return [o.replace("{half_layers}", str(half_layers)) for o in overrides]
-    return list(overrides)
+def resolve_overrides(overrides: list[str], half_layers: int | None, layers: int | None = None) -> list[str]:
+    """The `-S` overrides of an ablation with `{half_layers}` (L/2) and `{layers}` (L) filled in."""
+    out = []
+    for o in overrides:
+        for key, value in (("{half_layers}", half_layers), ("{layers}", layers)):
+            if key in o:
+                if value is None:
+                    raise SystemExit(f"{overrides}: needs the backbone's decoder depth (pass --layers L)")
+                o = o.replace(key, str(value))
+        out.append(o)
+    return out
 
 
 def _effective(base: dict, overrides: list[str]) -> dict:
@@ -355,7 +361,7 @@ def _effective(base: dict, overrides: list[str]) -> dict:
 
 def queue_commands(sweep: str | None, seeds: list[int] | None = None, only: list[str] | None = None,
                    base_seed: int = 0, half_layers: int | None = None, base_params: dict | None = None,
-                   say: Callable[[str], None] = lambda s: None) -> list[list[str]]:
+                   say: Callable[[str], None] = lambda s: None, layers: int | None = None) -> list[list[str]]:
     """`dvc exp run --queue` lines: every ablation (or those in `only`) and the sweep, once per
     seed; seeds other than `base_seed` also queue the unchanged model as `full-s<seed>`.
 
@@ -367,7 +373,7 @@ def queue_commands(sweep: str | None, seeds: list[int] | None = None, only: list
     unknown = set(only or ()) - set(ABLATIONS) - {"full"}
     if unknown:
         raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: full, {', '.join(ABLATIONS)}")
-    chosen = {name: resolve_overrides(o, half_layers) for name, o in ABLATIONS.items() if not only or name in only}
+    chosen = {name: resolve_overrides(o, half_layers, layers) for name, o in ABLATIONS.items() if not only or name in only}
     if base_params is not None:
         seen = [("the baseline", _effective(base_params, []))]
         for name, overrides in list(chosen.items()):
@@ -434,16 +440,17 @@ def main(argv: list[str] | None = None) -> None:
 
         from .config import load_params
 
-        base_seed, half, base = 0, args.layers // 2 if args.layers else None, None
+        base_seed, depth, base = 0, args.layers, None
         if Path("params.yaml").exists():
             params = load_params("params.yaml")
             base_seed, base = params.seed, yaml.safe_load(Path("params.yaml").read_text())
-            needs_depth = any("{half_layers}" in o for n, ov in ABLATIONS.items() if not args.only or n in args.only
+            needs_depth = any("layers}" in o for n, ov in ABLATIONS.items() if not args.only or n in args.only
                               for o in ov)
-            if half is None and needs_depth:
-                half = decoder_layers(params) // 2
-        for cmd in queue_commands(args.sweep or None, args.seeds, args.only, base_seed, half, base,
-                                  say=lambda s: print(s, file=sys.stderr)):
+            if depth is None and needs_depth:
+                depth = decoder_layers(params)
+        for cmd in queue_commands(args.sweep or None, args.seeds, args.only, base_seed,
+                                  depth // 2 if depth else None, base, say=lambda s: print(s, file=sys.stderr),
+                                  layers=depth):
             print(" ".join(f"'{a}'" if any(c in a for c in "(),") else a for a in cmd))
             if not args.dry_run:
                 subprocess.run(cmd, check=True)

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from .backbone import Backbone
 from .config import PretrainParams
-from .kg.synthetic import BACKDROPS, COLOURS, MARKS, SHAPES, Look, caption, random_look, render
+from .kg.synthetic import BACKDROPS, COLOURS, CONCEPTS, MARKS, SHAPES, Look, caption, describe, random_look, render, unique_names
 from .prompt import ANSWER_CUE
 
 CAPTION_STREAM = 7  # seed purpose of the caption pictures (the KG's images use 1)
@@ -98,6 +99,35 @@ def caption_text(look: Look) -> str:
     a relation about the image tokens before it, as it will be asked to in the ELMM prompt."""
     kind = tuple(IMAGE_QUESTIONS)[int(look.size * 1000) % 3]  # a fixed, picture-dependent choice
     return f" {caption(look)} ; relation: {IMAGE_QUESTIONS[kind]}{ANSWER_CUE} {kind} {getattr(look, kind)} ."
+
+
+TEXT_QUESTIONS = {"category": "belongs to category", "region": "comes from", "material": "made of"}  # text relations
+READING_STREAM = 8  # seed purpose of the reading exercises
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A reading exercise: an invented entity's description and one question about it."""
+
+    line: str  # the whole line, answer included, in the prompt's words
+    prefix: str  # the line up to the answer's value (" ... answer: material")
+    value: str  # the answer's value ("iron")
+
+
+def reading_exercises(n: int, seed: int, stream: int, taken: set[str]) -> list[Exercise]:
+    """`n` exercises about invented entities (names never among `taken`, lower case): a description
+    with the world's three text facts in random order, then a question about one of them. The
+    answer is only in the description, so a model can answer only by reading it (a name cannot be
+    memorised: each is new). Drawn from the stream (seed, READING_STREAM, stream)."""
+    rng = random.Random(f"{seed}/{READING_STREAM}/{stream}")  # str seeds hash with sha512: stable
+    names = unique_names(n, rng, taken=taken)
+    out = []
+    for name in names:
+        facts = {k: rng.choice(CONCEPTS[k]) for k in TEXT_QUESTIONS}
+        kind = rng.choice(tuple(TEXT_QUESTIONS))
+        prefix = f"{entity_line(name, describe(facts, rng))} relation: {TEXT_QUESTIONS[kind]}{ANSWER_CUE} {kind}"
+        out.append(Exercise(f"{prefix} {facts[kind]} .", prefix, facts[kind]))
+    return out
 
 
 def tokenizer_texts(kg) -> list[str]:
@@ -210,10 +240,11 @@ def _schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, bytes]], p: PretrainParams, *,
              feature_layer: int, seed: int, log: Callable[[str, float, int], None] = lambda *a: None,
-             progress: bool = True) -> dict:
+             progress: bool = True, taken_names: set[str] = frozenset()) -> dict:
     """Train every weight of `backbone` (tower, projector, decoder, embeddings) on the curriculum.
 
-    Step s is a caption batch when s % round(1 / caption_share) == 0, else a text batch of
+    Step s is a caption batch when s % round(1 / caption_share) == 0; otherwise, with probability
+    `reading_share`, a batch of fresh reading exercises (`reading_exercises`), else a text batch of
     descriptions (and, after `triples_after` of the steps, triples). Everything random is drawn
     from `seed`, so the same inputs give the same weights.
     """
@@ -227,12 +258,18 @@ def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, 
     gen = np.random.default_rng([seed, CAPTION_STREAM, 99])
     every = max(1, round(1 / p.caption_share)) if p.caption_share > 0 else 0
     with_triples = int(p.triples_after * p.steps)
-    losses = {"caption": [], "text": []}
+    losses = {"caption": [], "text": [], "reading": []}
+    exercises: list[Exercise] = []
     start = time.perf_counter()
     for step in tqdm(range(p.steps), desc="pretrain", unit="step", disable=not progress):
         if every and step % every == 0:
             pick = gen.choice(len(pictures), size=p.batch_size, replace=False)
             kind, batch = "caption", enc.captions([pictures[i] for i in pick])
+        elif gen.random() < p.reading_share:
+            if len(exercises) < p.batch_size:  # drawn in blocks, from the stream of this step
+                exercises = reading_exercises(64 * p.batch_size, seed, 1000 + step, taken_names)
+            kind, batch = "reading", enc.texts([x.line for x in exercises[-p.batch_size:]])
+            del exercises[-p.batch_size:]
         else:
             pool = corpus.descriptions + (corpus.triples if step >= with_triples else [])
             pick = gen.choice(len(pool), size=min(p.batch_size, len(pool)), replace=False)
@@ -249,7 +286,8 @@ def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, 
     model.requires_grad_(False)
     return {"steps": p.steps, "seconds": round(time.perf_counter() - start, 1),
             "final_caption_loss": float(np.mean(losses["caption"][-20:])) if losses["caption"] else None,
-            "final_text_loss": float(np.mean(losses["text"][-20:])) if losses["text"] else None}
+            "final_text_loss": float(np.mean(losses["text"][-20:])) if losses["text"] else None,
+            "final_reading_loss": float(np.mean(losses["reading"][-20:])) if losses["reading"] else None}
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -287,6 +325,23 @@ def caption_accuracy(backbone: Backbone, pictures: list[tuple[Look, bytes]], fea
 
 
 @torch.no_grad()
+def reading_accuracy(backbone: Backbone, exercises: list[Exercise], batch_size: int = 64) -> float:
+    """How often the most likely token after " answer: {kind}" is the value's first token: the
+    answer to a question about a description the model has never seen (teacher-forced)."""
+    enc = Encoder(backbone)
+    hits = 0
+    for lo in range(0, len(exercises), batch_size):
+        chunk = exercises[lo:lo + batch_size]
+        batch = enc.texts([x.line for x in chunk])
+        hidden = backbone.decoder(inputs_embeds=backbone.embed_tokens(batch.ids),
+                                  attention_mask=batch.mask.long()).last_hidden_state
+        for i, x in enumerate(chunk):
+            pos = len(enc.ids(x.prefix))  # BOS + prefix tokens: the value's first token is at index pos + 1
+            hits += int(backbone.lm_head(hidden[i, pos]).argmax()) == enc.ids(x.line)[pos]
+    return round(hits / len(exercises), 4)
+
+
+@torch.no_grad()
 def heldout_loss(backbone: Backbone, pictures, texts: list[str], feature_layer: int, batch_size: int = 64) -> dict:
     """Mean next-token loss (nats per token) on held-out captions and held-out text."""
     enc = Encoder(backbone)
@@ -302,9 +357,11 @@ def heldout_loss(backbone: Backbone, pictures, texts: list[str], feature_layer: 
     return out
 
 
-def evaluate_pretraining(backbone: Backbone, pictures, texts: list[str], feature_layer: int) -> dict:
-    """Caption accuracy per attribute; held-out loss as is, with all attention zeroed, and with each
-    single layer's attention zeroed (and the rise over the unablated loss)."""
+def evaluate_pretraining(backbone: Backbone, pictures, texts: list[str], feature_layer: int,
+                         exercises: list[Exercise] = ()) -> dict:
+    """Caption accuracy per attribute, reading accuracy on new exercises, and the held-out loss as
+    is, with all attention zeroed, and with each single layer's attention zeroed (and the rise over
+    the unablated loss)."""
     layers = backbone.layers
     base = heldout_loss(backbone, pictures, texts, feature_layer)
     with attention_zeroed(layers, list(range(len(layers)))):
@@ -314,6 +371,11 @@ def evaluate_pretraining(backbone: Backbone, pictures, texts: list[str], feature
         with attention_zeroed(layers, [i]):
             single.append(heldout_loss(backbone, pictures, texts, feature_layer))
     rise = lambda x: {k: round(x[k] - base[k], 4) for k in base}  # noqa: E731
-    return {"caption_accuracy": caption_accuracy(backbone, pictures, feature_layer),
+    reading = {}
+    if exercises:
+        reading["reading_accuracy"] = reading_accuracy(backbone, list(exercises))
+        with attention_zeroed(layers, list(range(len(layers)))):
+            reading["reading_accuracy_without_attention"] = reading_accuracy(backbone, list(exercises))
+    return {"caption_accuracy": caption_accuracy(backbone, pictures, feature_layer), **reading,
             "heldout_loss": base, "loss_without_attention": none, "rise_without_attention": rise(none),
             "loss_without_layer_attention": single, "rise_without_layer_attention": [rise(x) for x in single]}

@@ -1,0 +1,200 @@
+"""The testbed's acceptance report, from finished DVC experiments (docs/testbed.md).
+
+    python -m elmm.experiments queue --seeds 0 1 2 --only full no-attention   # the runs it needs
+    dvc queue start -j 1
+    python -m elmm.testbed report                                             # markdown to stdout
+
+For the default model (the group that changes nothing but the seed) and every seed it ran with,
+each test query's rank (metrics/ranks/model.csv) is paired with the same query's rank under the
+frequency prior and the KGE (metrics/ranks/prior.csv, kge.csv: every experiment commit carries
+them). Per relation and side the report gives the MRR of each, the paired difference to the prior
+and to the KGE with its standard error (the sd of the per-query differences pooled over the seeds,
+over sqrt(n)), and the Bayes ceiling with the largest excess over it in SE; then the positive
+control: Hits@1 per relation group of the default against the `no-attention` runs (K = L).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, load_experiments
+from .kg.synthetic import RELATIONS
+from .rank_table import DIRECTIONS, parse_rank_table
+
+MODALITY = {name: modality for _, name, modality in RELATIONS}  # the default world's relation groups
+Reader = Callable[[dict, str], dict[str, np.ndarray]]
+
+
+def git_reader(row: dict, path: str) -> dict[str, np.ndarray]:
+    """The rank table `path` (model, prior or kge) at an experiment's commit."""
+    if path == "model":
+        return git_rank_reader(row)
+    import subprocess
+
+    file = f"metrics/ranks/{path}.csv"
+    proc = subprocess.run(["git", "show", f"{row['rev']}:{file}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{row['name']}: cannot read {file} at {row['rev']} ({proc.stderr.strip()})")
+    return parse_rank_table(proc.stdout, f"{row['rev']}:{file}")
+
+
+def group_of(rows: list[dict], changes: dict[str, object]) -> list[dict]:
+    """The rows whose params differ from the first row's exactly by `changes` (and the seed)."""
+    changed = _changed_params(rows)
+    return [r for r in rows if {k: v for k, v in changed[r["name"]].items() if k != "seed"} == changes]
+
+
+def _pooled(diffs: list[np.ndarray]) -> tuple[float, float, int]:
+    """(mean, standard error, n) of per-query differences pooled over seeds."""
+    d = np.concatenate(diffs) if diffs else np.zeros(0)
+    if d.size < 2:
+        return (float(d.mean()) if d.size else math.nan), math.nan, int(d.size)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size)
+
+
+def _select(table: dict[str, np.ndarray], relation: int | None, side: str | None) -> np.ndarray:
+    keep = np.ones(len(table["rank"]), dtype=bool)
+    if relation is not None:
+        keep &= table["relation"] == relation
+    if side is not None:
+        keep &= table["direction"] == side
+    return keep
+
+
+def floor_table(defaults: list[dict], relation_names: list[str], read: Reader) -> list[dict]:
+    """Per relation and side (and overall): model, prior, KGE and ceiling MRR (means over seeds),
+    the paired differences to the prior and the KGE in SE, and the largest excess over the ceiling."""
+    tables = [{k: read(r, k) for k in ("model", "prior", "kge")} for r in defaults]
+    out = []
+    keys = [(None, None)] + [(i, side) for i in range(len(relation_names)) for side in DIRECTIONS]
+    for rel, side in keys:
+        row = {"relation": "overall" if rel is None else relation_names[rel], "side": side or "both"}
+        rr = {k: [] for k in ("model", "prior", "kge")}
+        diffs = {"prior": [], "kge": []}
+        for t in tables:
+            keep = _select(t["model"], rel, side)
+            if not keep.any():
+                continue
+            model = 1.0 / t["model"]["rank"][keep]
+            rr["model"].append(model)
+            for ref in ("prior", "kge"):
+                if len(t[ref]["rank"]) == len(t["model"]["rank"]):
+                    other = 1.0 / t[ref]["rank"][keep]
+                    rr[ref].append(other)
+                    diffs[ref].append(model - other)
+        if not rr["model"]:
+            continue
+        for k, values in rr.items():
+            row[k] = float(np.concatenate(values).mean()) if values else None
+        for ref in ("prior", "kge"):
+            mean, se, _ = _pooled(diffs[ref])
+            row[f"vs_{ref}"] = None if not diffs[ref] else mean
+            row[f"z_{ref}"] = None if not diffs[ref] or not se or math.isnan(se) else mean / se
+        ceilings, excess = [], []
+        for r in defaults:
+            m = r["metrics"]
+            c = (r.get("baselines") or {}).get("ceiling") or {}
+            cblock = c if rel is None else (c.get("per_relation", {}).get(relation_names[rel], {}).get(side))
+            mblock = m if rel is None else m.get("per_relation", {}).get(relation_names[rel], {}).get(side)
+            if cblock and mblock and cblock.get("mrr") is not None:
+                ceilings.append(cblock["mrr"])
+                se = math.sqrt((mblock.get("mrr_se") or 0) ** 2 + (cblock.get("mrr_se") or 0) ** 2)
+                gap = mblock["mrr"] - cblock["mrr"]
+                excess.append(gap / se if se else (math.inf if gap > 0 else -math.inf))
+        row["ceiling"] = float(np.mean(ceilings)) if ceilings else None
+        row["ceiling_excess_se"] = max(excess) if excess else None
+        row["n"] = int(sum(len(x) for x in rr["model"]))
+        out.append(row)
+    return out
+
+
+def control_table(defaults: list[dict], controls: list[dict], relation_names: list[str], read: Reader) -> list[dict]:
+    """Hits@1 of the default and of K = L per relation group (seeds both ran), with the relative drop,
+    and the control's paired MRR difference to the prior (it must stay above the floor)."""
+    by_seed = {r["params"].get("seed"): r for r in controls}
+    pairs = [(d, by_seed[d["params"].get("seed")]) for d in defaults if d["params"].get("seed") in by_seed]
+    out = []
+    for group in ("image", "text", "structure", "all"):
+        rels = [i for i, n in enumerate(relation_names) if group == "all" or MODALITY.get(n) == group]
+        if not rels:
+            continue
+        hits = {"default": [], "control": []}
+        floor = []
+        for d, c in pairs:
+            td, tc, tp = read(d, "model"), read(c, "model"), read(c, "prior")
+            keep = np.isin(td["relation"], rels)
+            hits["default"].append((td["rank"][keep] <= 1).astype(float))
+            hits["control"].append((tc["rank"][keep] <= 1).astype(float))
+            floor.append(1.0 / tc["rank"][keep] - 1.0 / tp["rank"][keep])
+        if not pairs:
+            continue
+        h_d, h_c = (float(np.concatenate(v).mean()) for v in (hits["default"], hits["control"]))
+        mean, se, n = _pooled(floor)
+        out.append({"group": group, "hits_at_1": h_d, "hits_at_1_no_attention": h_c,
+                    "relative_drop": (h_d - h_c) / h_d if h_d else None, "control_vs_prior": mean,
+                    "control_z_prior": mean / se if se and not math.isnan(se) else None, "n": n,
+                    "seeds": [d["params"].get("seed") for d, _ in pairs]})
+    return out
+
+
+def _f(x, digits: int = 4) -> str:
+    return "-" if x is None else (f"{x:+.1f}" if digits == 1 else f"{x:.{digits}f}")
+
+
+def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = None) -> str:
+    """Markdown: the floor/KGE/ceiling table of the default, then the positive control."""
+    defaults = group_of(rows, {})
+    if not defaults:
+        raise SystemExit("no experiment of the default params (run `python -m elmm.experiments queue --only full`)")
+    relation_names = list(defaults[0]["metrics"].get("per_relation", {}))
+    seeds = [d["params"].get("seed") for d in defaults]
+    lines = [f"Default, seeds {seeds}: MRR per relation and side (mean over seeds), paired differences in SE",
+             "(positive = the model is better), and the largest excess over the Bayes ceiling in SE.", ""]
+    body = []
+    for r in floor_table(defaults, relation_names, read):
+        body.append([r["relation"], r["side"], str(r["n"]), _fmt("mrr", r["model"]), _fmt("mrr", r["prior"]),
+                     _f(r["z_prior"], 1), _fmt("mrr", r["kge"]), _f(r["z_kge"], 1), _fmt("mrr", r["ceiling"]),
+                     _f(r["ceiling_excess_se"], 1)])
+    lines.append(_markdown(["relation", "side", "queries", "model", "prior", "z vs prior", "KGE", "z vs KGE",
+                            "ceiling", "max z over ceiling"], body))
+    layers = control_k if control_k is not None else max((r["params"]["prune"]["k"] for r in rows), default=None)
+    controls = group_of(rows, {"prune.k": layers}) if layers is not None else []
+    if controls:
+        lines += ["", f"Positive control: all attention removed (prune.k = {layers}), Hits@1 by relation group.", ""]
+        body = [[c["group"], str(c["seeds"]), _fmt("h", c["hits_at_1"]), _fmt("h", c["hits_at_1_no_attention"]),
+                 "-" if c["relative_drop"] is None else f"{100 * c['relative_drop']:.0f}%", _fmt("mrr", c["control_vs_prior"]),
+                 _f(c["control_z_prior"], 1)] for c in control_table(defaults, controls, relation_names, read)]
+        lines.append(_markdown(["group", "seeds", "Hits@1 default", "Hits@1 K = L", "drop", "K = L MRR - prior",
+                                "z vs prior"], body))
+    return "\n".join(lines)
+
+
+def attach_baselines(rows: list[dict]) -> list[dict]:
+    """Add each row's metrics/baselines.json (the ceilings), from its commit, under `baselines`."""
+    import json
+    import subprocess
+
+    for r in rows:
+        proc = subprocess.run(["git", "show", f"{r['rev']}:metrics/baselines.json"], capture_output=True, text=True)
+        r["baselines"] = json.loads(proc.stdout) if proc.returncode == 0 else None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("report", help="the acceptance tables, markdown")
+    r.add_argument("--control-k", type=int, help="prune.k of the positive control (default: the largest run)")
+    r.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit")
+    r.add_argument("--rev", help="experiments derived from this commit instead of HEAD")
+    args = ap.parse_args(argv)
+    rows = attach_baselines(load_experiments(all_commits=args.all_commits, rev=args.rev))
+    print(report(rows, control_k=args.control_k))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The testbed's acceptance report against hand-made rank tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from elmm.testbed import control_table, floor_table, group_of, report
+
+RELATIONS = ["has colour", "knows"]  # modality image, structure (elmm.kg.synthetic.RELATIONS)
+
+
+def _table(relations, directions, ranks):
+    n = len(ranks)
+    return {"query": np.arange(n), "relation": np.array(relations), "direction": np.array(directions),
+            "anchor": np.zeros(n, dtype=int), "target": np.ones(n, dtype=int), "rank": np.array(ranks, dtype=float)}
+
+
+REL = [0, 0, 1, 1]
+DIR = ["tail", "head", "tail", "head"]
+TABLES = {
+    ("d0", "model"): _table(REL, DIR, [1, 2, 1, 4]), ("d0", "prior"): _table(REL, DIR, [2, 4, 5, 4]),
+    ("d0", "kge"): _table(REL, DIR, [1, 4, 1, 2]),
+    ("d1", "model"): _table(REL, DIR, [1, 1, 2, 2]), ("d1", "prior"): _table(REL, DIR, [4, 2, 4, 8]),
+    ("d1", "kge"): _table(REL, DIR, [2, 2, 1, 1]),
+    ("c0", "model"): _table(REL, DIR, [1, 4, 3, 8]),
+}
+TABLES[("c0", "prior")] = TABLES[("d0", "prior")]  # the same world (seed 0): the same prior
+
+
+def _metrics(mrr):
+    return {"mrr": mrr, "mrr_se": 0.01, "per_relation": {r: {s: {"mrr": 0.5, "mrr_se": 0.1} for s in ("tail", "head")}
+                                                        for r in RELATIONS}}
+
+
+def _row(name, seed, k, mrr, ceiling):
+    per_relation = {r: {s: {"mrr": ceiling, "mrr_se": 0.05} for s in ("tail", "head")} for r in RELATIONS}
+    return {"name": name, "rev": name, "params": {"seed": seed, "prune": {"k": k}}, "metrics": _metrics(mrr),
+            "baselines": {"ceiling": {"mrr": ceiling, "mrr_se": 0.02, "per_relation": per_relation}}}
+
+
+ROWS = [_row("d0", 0, 4, 0.6, 0.9), _row("d1", 1, 4, 0.7, 0.9), _row("c0", 0, 8, 0.3, 0.9)]
+
+
+def read(row, kind):
+    return TABLES[(row["name"], kind)]
+
+
+def test_groups_by_changed_params():
+    assert [r["name"] for r in group_of(ROWS, {})] == ["d0", "d1"]
+    assert [r["name"] for r in group_of(ROWS, {"prune.k": 8})] == ["c0"]
+
+
+def test_floor_table_pairs_queries_and_pools_seeds():
+    rows = {(r["relation"], r["side"]): r for r in floor_table(group_of(ROWS, {}), RELATIONS, read)}
+    overall = rows[("overall", "both")]
+    model = [1, 1 / 2, 1, 1 / 4, 1, 1, 1 / 2, 1 / 2]
+    prior = [1 / 2, 1 / 4, 1 / 5, 1 / 4, 1 / 4, 1 / 2, 1 / 4, 1 / 8]
+    diff = np.array(model) - np.array(prior)
+    assert overall["model"] == pytest.approx(np.mean(model)) and overall["prior"] == pytest.approx(np.mean(prior))
+    assert overall["z_prior"] == pytest.approx(diff.mean() / (diff.std(ddof=1) / math.sqrt(8)))
+    assert overall["n"] == 8
+    colour_tail = rows[("has colour", "tail")]
+    assert colour_tail["model"] == 1.0 and colour_tail["prior"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    # the ceiling check: 0.5 vs 0.9 with SE sqrt(0.1^2 + 0.05^2): far below
+    assert colour_tail["ceiling"] == 0.9
+    assert colour_tail["ceiling_excess_se"] == pytest.approx((0.5 - 0.9) / math.sqrt(0.01 + 0.0025))
+    assert overall["ceiling_excess_se"] == pytest.approx((0.7 - 0.9) / math.sqrt(0.01**2 + 0.02**2))
+
+
+def test_control_table_relative_drop_per_group():
+    groups = {c["group"]: c for c in control_table(group_of(ROWS, {}), group_of(ROWS, {"prune.k": 8}), RELATIONS, read)}
+    # seed 0 only: default ranks [1, 2 | 1, 4], control [1, 4 | 3, 8]
+    assert groups["image"]["hits_at_1"] == 0.5 and groups["image"]["hits_at_1_no_attention"] == 0.5
+    assert groups["structure"]["hits_at_1"] == 0.5 and groups["structure"]["hits_at_1_no_attention"] == 0.0
+    assert groups["structure"]["relative_drop"] == 1.0 and groups["all"]["relative_drop"] == pytest.approx(0.5)
+    assert groups["all"]["control_vs_prior"] == pytest.approx(np.mean([1 - 1 / 2, 1 / 4 - 1 / 4, 1 / 3 - 1 / 5, 1 / 8 - 1 / 4]))
+    assert groups["all"]["seeds"] == [0]
+
+
+def test_report_renders_both_tables():
+    text = report(ROWS, read=read)
+    assert "| overall | both | 8 |" in text and "Positive control" in text and "| structure | [0] |" in text
