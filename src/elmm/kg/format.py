@@ -5,13 +5,19 @@ A KG directory holds:
 - `entities.parquet`  id, name, description (string), num_images (int32); row order = entity index
 - `relations.parquet` id, name, modality (string: "image" | "text" | "structure" | "")
 - `train/valid/test.parquet` head, relation, tail (int32 indices)
-- `images.parquet`    entity (int32), slot (int16), path (string, POSIX, relative to the KG dir),
-  sorted by (entity, slot)
+- `images.parquet`    the image index: entity (int32), slot (int16), format, sha256, size, and
+  where the bytes are (part, row); sorted by (entity, slot)
+- `images-NNNNN.parquet` the image bytes, ~256 MB per part (entity, slot, sha256, data), so DVC
+  hashes a handful of files instead of one per image (format 2; format 1 kept one file per image
+  and is refused with a message, though still accepted as a `data.name: custom` input)
 - `meta.json`         format_version, source, counts, plus source-specific keys
 
 Tables are written with explicit Arrow schemas and no pandas metadata, so the same input gives
 byte-identical files (DVC then sees no spurious change). `meta.json` is written last: a
 directory with a `meta.json` is complete.
+
+Why one module of ~500 lines: the schemas, the validation, the writer and the reader of one format
+change together; split, a format change would touch four files that must agree.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ as in web-crawled image sets). Concept entities ("colour red", "region coast") h
 images. The latent attributes go to `latent.parquet` for analysis and the Bayes ceilings, never
 into meta.json or any model input. Everything is deterministic in `seed`; images are drawn from
 per-entity streams, so one entity's pictures do not depend on another's.
+
+Why one module of ~470 lines: the world's rules, its renderer and its writer are one spec; the
+Bayes ceilings (elmm.baselines) read the rules from here, so they cannot drift from the generator.
 """
 
 from __future__ import annotations
