@@ -59,9 +59,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `path`; it replaces `path` only on success."""
+    """Yield a fresh temporary directory next to `path`; it replaces `path` only on success.
+
+    Temporaries of `path` left by a killed earlier run (`.<name>.*.tmp`) are removed first: a
+    stage owns its output while it runs (DVC locks the repository), so none of them is live.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
