@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from dvclive import Live
 
 from _common import device, params, parse_args, setup
 from elmm.checkpointing import Checkpoints, training_fingerprint
@@ -77,6 +76,8 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
             m = res.metrics
             print(f"train: epoch {epoch} valid mrr {m['mrr']:.4f} hits@10 {m['hits_at_10']:.4f}")
             return m
+
+        from dvclive import Live  # here: it imports tqdm, which must come after _common sets its interval
 
         live = Live("metrics/train", dvcyaml=None, save_dvc_exp=False, report=None) if dist.main else None
         try:
