@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("queue", help="queue every ablation (and a sweep) with dvc exp run --queue")
-    q.add_argument("--sweep", default="prune.k=range(0,9,2)", help="a -S sweep to queue too ('' for none)")
+    q.add_argument("--sweep", default=None,
+                   help="a -S sweep to queue too (default: prune.k=range(0,9,2), or none with --only; '' for none)")
     q.add_argument("--seeds", type=int, nargs="+", help="replicate everything over these values of `seed`")
     q.add_argument("--only", nargs="+", help=f"queue only these (full, {', '.join(ABLATIONS)})")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -451,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                               for o in ov)
             if depth is None and needs_depth:
                 depth = decoder_layers(params)
-        for cmd in queue_commands(args.sweep or None, args.seeds, args.only, base_seed,
+        sweep = args.sweep if args.sweep is not None else (None if args.only else "prune.k=range(0,9,2)")
+        for cmd in queue_commands(sweep or None, args.seeds, args.only, base_seed,
                                   depth // 2 if depth else None, base, say=lambda s: print(s, file=sys.stderr),
                                   layers=depth):
             print(" ".join(f"'{a}'" if any(c in a for c in "(),") else a for a in cmd))
