@@ -33,7 +33,7 @@ MICRO = {
     "pretrain": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "pictures": 16, "heldout_pictures": 4},
     "encode": {"batch_size": 16, "shard_rows": 32},
     "prune": {"k": 2, "samples": 24, "batch_size": 8},
-    "train": {"epochs": 1, "batch_size": 16, "negatives": 4, "warmup_steps": 1},
+    "train": {"lr": 3e-4, "epochs": 1, "batch_size": 16, "negatives": 4, "warmup_steps": 1},
     "evaluate": {"batch_size": 32},
     # RotatE where PyKEEN is installed (the `kge` extra), tiny and quick
     "baselines": {"kge": "rotate" if importlib.util.find_spec("pykeen") else "none", "dim": 8, "max_epochs": 2,
