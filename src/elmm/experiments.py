@@ -232,9 +232,10 @@ def bootstrap_interval(diffs_by_seed: Sequence[np.ndarray], resamples: int = 10_
 RankReader = Callable[[dict], dict[str, np.ndarray]]
 
 
-def git_rank_reader(row: dict) -> dict[str, np.ndarray]:
-    """The rank table of an experiment row, from its commit: `git show <rev>:metrics/ranks/model.csv`."""
-    path = ranks_path(row["metrics"].get("split", "test"))
+def git_rank_reader(row: dict, path: str | None = None) -> dict[str, np.ndarray]:
+    """A rank table of an experiment row, from its commit: `git show <rev>:<path>`, by default the
+    model's (metrics/ranks/model.csv); the baselines' prior.csv and kge.csv sit beside it."""
+    path = path or ranks_path(row["metrics"].get("split", "test"))
     proc = subprocess.run(["git", "show", f"{row['rev']}:{path}"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{row['name']}: cannot read {path} at {row['rev']} ({proc.stderr.strip()}); "
@@ -448,8 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         if Path("params.yaml").exists():
             params = load_params("params.yaml")
             base_seed, base = params.seed, yaml.safe_load(Path("params.yaml").read_text())
-            needs_depth = any("layers}" in o for n, ov in ABLATIONS.items() if not args.only or n in args.only
-                              for o in ov)
+            needs_depth = any(key in o for n, ov in ABLATIONS.items() if not args.only or n in args.only
+                              for o in ov for key in ("{layers}", "{half_layers}"))
             if depth is None and needs_depth:
                 depth = decoder_layers(params)
         sweep = args.sweep if args.sweep is not None else (None if args.only else "prune.k=range(0,9,2)")

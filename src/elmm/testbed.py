@@ -23,7 +23,7 @@ import numpy as np
 
 from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, load_experiments
 from .kg.synthetic import RELATIONS
-from .rank_table import DIRECTIONS, parse_rank_table
+from .rank_table import DIRECTIONS
 
 MODALITY = {name: modality for _, name, modality in RELATIONS}  # the default world's relation groups
 Reader = Callable[[dict, str], dict[str, np.ndarray]]
@@ -31,15 +31,7 @@ Reader = Callable[[dict, str], dict[str, np.ndarray]]
 
 def git_reader(row: dict, path: str) -> dict[str, np.ndarray]:
     """The rank table `path` (model, prior or kge) at an experiment's commit."""
-    if path == "model":
-        return git_rank_reader(row)
-    import subprocess
-
-    file = f"metrics/ranks/{path}.csv"
-    proc = subprocess.run(["git", "show", f"{row['rev']}:{file}"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{row['name']}: cannot read {file} at {row['rev']} ({proc.stderr.strip()})")
-    return parse_rank_table(proc.stdout, f"{row['rev']}:{file}")
+    return git_rank_reader(row, None if path == "model" else f"metrics/ranks/{path}.csv")
 
 
 def group_of(rows: list[dict], changes: dict[str, object]) -> list[dict]:
