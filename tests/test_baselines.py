@@ -272,6 +272,22 @@ def test_kge_sees_only_train_and_scores_exactly_the_test_queries(micro_kg):
         assert torch.equal(s1[j], first.model.score_h(torch.tensor([[test[1, 1], test[1, 2]]]))[0].float())
 
 
+def test_kge_scores_in_batches_bounded_by_the_memory_budget(micro_kg, monkeypatch):
+    _pykeen()
+    import elmm.kge as kge
+
+    assert kge.query_batch_size(14_541, 256) * 14_541 * 2 * 256 <= kge.SCORE_BUDGET
+    assert kge.query_batch_size(10**9, 256) == 1  # never zero
+    torch.set_num_threads(1)
+    kg = load_kg(micro_kg)
+    model = _train(kg.triples, kg.num_entities, kg.num_relations).model
+    queries = queries_from_triples(kg.triples["test"])
+    whole = kge.score_queries(model, queries)
+    monkeypatch.setattr(kge, "SCORE_BUDGET", 3 * kg.num_entities * 2 * MICRO_KGE["dim"])  # 3 queries a batch
+    assert kge.query_batch_size(kg.num_entities, MICRO_KGE["dim"]) == 3
+    assert torch.equal(kge.score_queries(model, queries), whole)
+
+
 def test_real_view_rotate_scores_like_pykeens_rotate():
     _pykeen()
     from pykeen.models import RotatE

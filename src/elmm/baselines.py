@@ -59,17 +59,22 @@ STRUCTURE_DEGREE = {"knows": "knows_degree", "works_with": "works_with_degree", 
 _DECIMALS = 6
 
 Scorer = Callable[[Queries], torch.Tensor]
+#: (query, entity) scores ranked at once by `rank_queries` (float64: 16 MB, a few copies in compute_ranks).
+RANK_CELLS = 2**21
 
 
 # ----------------------------------------------------------------------------- ranking
 
 
-def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex, batch_size: int = 512) -> dict[str, np.ndarray]:
+def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex,
+                 batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Filtered ranks (elmm.evaluation.compute_ranks) of every query, in query order.
 
     `scorer(batch)` returns `[len(batch), num_entities]` scores (higher = better) for a batch of
-    queries. Returns numpy arrays `optimistic`, `pessimistic`, `realistic`, `candidates`.
+    queries; by default a batch holds `RANK_CELLS` scores, so memory does not grow with the number
+    of queries. Returns numpy arrays `optimistic`, `pessimistic`, `realistic`, `candidates`.
     """
+    batch_size = batch_size or max(1, RANK_CELLS // filters.num_entities)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("optimistic", "pessimistic", "realistic", "candidates")}
     for start in range(0, len(queries), batch_size):
         batch = queries.subset(slice(start, start + batch_size))
