@@ -18,7 +18,15 @@ from _common import params, parse_args, setup
 from elmm.backbone import TINY_BACKBONES, make_tiny_backbone, save_backbone, write_backbone_pointer
 from elmm.io import write_csv_rows, write_json
 from elmm.kg.format import load_kg
-from elmm.pretraining import caption_pictures, evaluate_pretraining, pretrain, reading_exercises, text_corpus, tokenizer_texts
+from elmm.pretraining import (
+    caption_pictures,
+    evaluate_pretraining,
+    evenly_spaced,
+    pretrain,
+    reading_exercises,
+    text_corpus,
+    tokenizer_texts,
+)
 
 OUT_DIR = "data/backbone"
 
@@ -39,14 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     family = TINY_BACKBONES[p.model.backbone]
     backbone = make_tiny_backbone(tiny, tokenizer_texts(kg), p.seed, family)
     corpus = text_corpus(kg, pp.heldout_text)
+    heldout_lines = evenly_spaced(corpus.heldout, pp.heldout_lines)
     pictures = caption_pictures(pp.pictures, tiny.image_size, p.seed, stream=0)
     heldout = caption_pictures(pp.heldout_pictures, tiny.image_size, p.seed, stream=1)
     taken = {n.lower() for n in kg.entities["name"]}  # exercises are about invented entities only
     exercises = reading_exercises(pp.heldout_pictures, p.seed, 0, taken)
     print(f"pretrain: {len(pictures)} captioned pictures, {len(corpus.descriptions)} descriptions, "
-          f"{len(corpus.triples)} verbalised train triples ({len(corpus.heldout)} lines and "
+          f"{len(corpus.triples)} verbalised train triples ({len(corpus.heldout)} lines, {len(heldout_lines)} evaluated, and "
           f"{len(heldout)} pictures held out)")
-    random_init = evaluate_pretraining(backbone, heldout, corpus.heldout, layer, exercises)
+    random_init = evaluate_pretraining(backbone, heldout, heldout_lines, layer, exercises)
 
     window: dict[str, list[float]] = {"caption": [], "text": [], "reading": []}
     curve: list[dict] = []
@@ -60,13 +69,14 @@ def main(argv: list[str] | None = None) -> None:
                 v.clear()
 
     summary = pretrain(backbone, corpus, pictures, pp, feature_layer=layer, seed=p.seed, log=log, taken_names=taken)
-    pretrained = evaluate_pretraining(backbone, heldout, corpus.heldout, layer, exercises)
+    pretrained = evaluate_pretraining(backbone, heldout, heldout_lines, layer, exercises)
     save_backbone(OUT_DIR, backbone, {"kind": f"tiny-{family}", "seed": p.seed, "params": tiny.__dict__,
                                       "pretrained": True})
     write_json("metrics/pretrain.json", {
         "backbone": p.model.backbone, "pretrained_here": True, **summary,
         "corpus": {"pictures": len(pictures), "descriptions": len(corpus.descriptions),
-                   "triples": len(corpus.triples), "heldout_lines": len(corpus.heldout), "heldout_pictures": len(heldout)},
+                   "triples": len(corpus.triples), "heldout_lines": len(corpus.heldout),
+                   "heldout_lines_evaluated": len(heldout_lines), "heldout_pictures": len(heldout)},
         "pretrained": pretrained, "random_init": random_init,
     })
     write_csv_rows("metrics/plots/pretrain.csv", curve)

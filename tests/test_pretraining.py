@@ -20,6 +20,7 @@ from elmm.pretraining import (
     attention_zeroed,
     caption_pictures,
     evaluate_pretraining,
+    evenly_spaced,
     heldout_loss,
     lm_loss,
     pretrain,
@@ -61,6 +62,17 @@ def test_corpus_holds_train_triples_only(kg) -> None:
     assert not [x for x in lines if "Zzcanary Alpha" in x and "Zzcanary Beta" in x]
     train = {(int(h), int(r), int(t)) for h, r, t in kg.triples["train"]}
     assert len(corpus.triples) + sum("answer:" in x for x in corpus.heldout) == 2 * len(train)
+
+
+def test_evaluated_heldout_lines_are_an_even_sample_of_both_kinds(kg) -> None:
+    corpus = text_corpus(kg, heldout_fraction=0.5)
+    assert evenly_spaced(corpus.heldout, len(corpus.heldout)) == corpus.heldout  # a cap that fits changes nothing
+    sample = evenly_spaced(corpus.heldout, 10)
+    assert len(sample) == 10 == len(set(sample)) and set(sample) <= set(corpus.heldout)
+    assert [corpus.heldout.index(x) for x in sample] == sorted(corpus.heldout.index(x) for x in sample)
+    # descriptions come first and triples last in the held-out lines: the sample keeps both
+    assert "answer:" in sample[-1] and "answer:" not in sample[0]
+    assert evenly_spaced(list(range(7)), 3) == [0, 2, 4]
 
 
 def test_weights_do_not_depend_on_valid_and_test(kg) -> None:

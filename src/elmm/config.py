@@ -80,6 +80,7 @@ class PretrainParams:
     pictures: int = 4000  # rendered caption pictures to train on
     heldout_pictures: int = 256
     heldout_text: float = 0.05  # share of text lines kept out, to measure held-out loss
+    heldout_lines: int = 1024  # at most this many of them evaluated (large KGs); the rest stay out of training
 
 
 @dataclass
@@ -358,6 +359,7 @@ def validate(p: Params, num_layers: int | None = None) -> None:
              f"must be at least pretrain.batch_size ({pp.batch_size})")
     _require(pp.heldout_pictures >= 1, "pretrain.heldout_pictures", "must be at least 1")
     _check_fraction(pp.heldout_text, "pretrain.heldout_text", closed=False)
+    _require(pp.heldout_lines >= 1, "pretrain.heldout_lines", "must be at least 1")
 
     _require(p.encode.batch_size >= 1, "encode.batch_size", "must be at least 1")
     _require(p.encode.shard_rows is None or p.encode.shard_rows >= 1, "encode.shard_rows", "must be null or at least 1")

@@ -69,6 +69,17 @@ class TextCorpus:
     heldout: list[str]
 
 
+def evenly_spaced(items: list, limit: int) -> list:
+    """At most `limit` of `items`, spread evenly over them in their order (all of them if they fit).
+
+    The held-out lines grow with the KG (descriptions first, then triples); the evaluation passes
+    over them are repeated once per layer, so large KGs evaluate a sample that keeps both kinds.
+    """
+    if len(items) <= limit:
+        return list(items)
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 def text_corpus(kg, heldout_fraction: float) -> TextCorpus:
     """Descriptions of every entity and the verbalised train triples (never valid or test)."""
     ents = list(zip(kg.entities["name"].tolist(), kg.entities["description"].tolist()))
