@@ -116,11 +116,19 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"params.yaml override (repeatable; defaults: {' '.join(DEFAULT_SETS)})")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--keep", action="store_true", help="keep the temp repositories")
+    ap.add_argument("--repo", type=Path, help="go on in a repository an earlier --keep run left (its params stand; "
+                                              "--entities and --set are ignored), e.g. to run later --stages")
     args = ap.parse_args(argv)
     sets = [*DEFAULT_SETS, *args.set]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
+    if args.repo:
+        entities = yaml.safe_load((args.repo / "params.yaml").read_text())["data"]["synthetic"]["entities"]
+        for name in args.stages:
+            print(json.dumps({"entities": entities, **run_stage(args.repo.resolve(), name, env)}), flush=True)
+        return
     where = Path(tempfile.mkdtemp(prefix="elmm-scale-"))
+    print(f"scale: repositories under {where}", file=sys.stderr)
     try:
         for entities in args.entities:
             repo = make_repo(where, entities, sets)

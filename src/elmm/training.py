@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from .batches import forward_batch, make_batch
@@ -123,10 +124,12 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
         n_group = sum(len(i) for i in group)
         loss_sum = 0.0
         for j, idx in enumerate(group):
-            q = train_queries.subset(idx)
-            # Drawn for the whole global micro-batch on every rank, then sliced: the same
-            # negatives whatever the world size.
-            neg, neg_mask = sampler.sample(q, train_filter.mask(q.anchors, q.relations, q.directions), gen)
+            # Phases named for the profiler (benchmarks/train_step.py); free when it is off.
+            with record_function("step: negatives and filter mask"):
+                q = train_queries.subset(idx)
+                # Drawn for the whole global micro-batch on every rank, then sliced: the same
+                # negatives whatever the world size.
+                neg, neg_mask = sampler.sample(q, train_filter.mask(q.anchors, q.relations, q.directions), gen)
             lo, hi = dist.slice(len(idx))
             # A rank whose slice is empty still runs one row with weight 0, so that the
             # gradient all-reduce sees every rank.
@@ -134,24 +137,29 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
             weight = (hi - lo) / n_group * dist.world  # DDP averages over ranks: undo it
             with ddp.no_sync() if dist.enabled and j < len(group) - 1 else nullcontext():
                 qs = q.subset(rows)
-                with autocast(device, tp.precision):
-                    out = forward_batch(ddp, make_batch(ws, qs, train=True, negatives=neg[rows]))
-                loss = elmm_loss(out.scores.float(), qs.targets.to(device), neg[rows].to(device),
-                                 neg_mask[rows].to(device))
-                if out.extra_loss is not None:  # the knowledge path's lambda * L_align
-                    loss = loss + out.extra_loss.float()
+                with record_function("step: make_batch"):
+                    batch = make_batch(ws, qs, train=True, negatives=neg[rows])
+                with autocast(device, tp.precision), record_function("step: forward"):
+                    out = forward_batch(ddp, batch)
+                with record_function("step: loss"):
+                    loss = elmm_loss(out.scores.float(), qs.targets.to(device), neg[rows].to(device),
+                                     neg_mask[rows].to(device))
+                    if out.extra_loss is not None:  # the knowledge path's lambda * L_align
+                        loss = loss + out.extra_loss.float()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite training loss ({loss.item()}) at step {step + 1}; "
                         f"lower train.lr (now {tp.lr}) or check the inputs")
-                (loss * weight).backward()
+                with record_function("step: backward"):
+                    (loss * weight).backward()
             loss_sum += loss.item() * (hi - lo)
         loss_sum = all_sum(loss_sum, dist, device)
-        if tp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tp.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function("step: optimizer"):
+            if tp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tp.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         return loss_sum / n_group
 
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not (progress and dist.main))
