@@ -173,6 +173,25 @@ def test_mvtc_pool_then_project_matches_explicit_formula(heads: int, value: str)
         assert_close(view(query, tokens, mask), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_mvtc_gradients_match_explicit_formula() -> None:
+    """The folded keys (q into W^K and the token LN's gain) give the explicit formula's gradients
+    for every parameter, not only its values."""
+    torch.manual_seed(11)
+    view = random_view(16, 4)
+    query, tokens = torch.randn(3, 16), torch.randn(3, 7, 16)
+    mask = torch.rand(3, 7) > 0.3
+    mask[:, 0] = True
+    target = torch.randn(3, 4, 16)
+    grads = []
+    for forward in (lambda: view(query, tokens, mask), lambda: reference_view(view, query, tokens, mask)[0]):
+        view.zero_grad()
+        (forward() * target).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in view.named_parameters()})
+    assert set(grads[0]) == set(grads[1]) and "k.weight" in grads[0] and "token_norm.weight" in grads[0]
+    for name in grads[0]:
+        assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_mvtc_value_projection_starts_as_identity() -> None:
     """Untrained, each head is attention pooling of the raw tokens: output rows are convex mixes."""
     torch.manual_seed(5)
@@ -381,6 +400,39 @@ def test_scores_do_not_depend_on_batch_mates(micro_workspace, mvtc) -> None:
         batched = forward_batch(model, make_batch(ws, q)).scores
         single = torch.cat([forward_batch(model, make_batch(ws, q.subset(slice(i, i + 1)))).scores for i in range(5)])
     assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["completion", "lm_head"])
+def test_candidate_scores_are_the_full_scores_columns_with_the_same_loss_gradient(micro_workspace, head) -> None:
+    """Training scores only target + negatives: the same values as the full [B, E] scores'
+    columns, and elmm_loss on them has the same gradient for every parameter."""
+    ws = micro_workspace
+    q = queries_from_triples(ws.kg.triples["train"][:6])
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, head=head))
+    perturb_([p for n, p in model.named_parameters() if not n.startswith("llm.")], 0.05)
+    negatives = torch.randint(0, ws.kg.num_entities, (len(q), 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(len(q), 5, generator=torch.Generator().manual_seed(2)) > 0.2
+    candidates = torch.cat([q.targets[:, None], negatives], 1)
+    batch = make_batch(ws, q)
+    grads, scores = [], []
+    for picked in (None, candidates):
+        model.zero_grad()
+        out = forward_batch(model, batch, picked)
+        if picked is None:
+            loss = elmm_loss(out.scores, q.targets, negatives, mask)
+            scores.append(out.scores.gather(1, candidates))
+        else:
+            b, c = candidates.shape
+            loss = elmm_loss(out.scores, torch.zeros(b, dtype=torch.long), torch.arange(1, c).expand(b, c - 1), mask)
+            scores.append(out.scores)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert scores[1].shape == candidates.shape
+    assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-6)
+    assert set(grads[0]) == set(grads[1]) and grads[0]
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------- text-view query, E_entity

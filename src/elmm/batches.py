@@ -28,9 +28,12 @@ def make_batch(ws: Workspace, q: Queries, *, train: bool = False, negatives: tor
     return batch
 
 
-def forward_batch(model, batch: dict):
-    """`model`'s QueryOutput for a batch from `make_batch`."""
+def forward_batch(model, batch: dict, candidates: torch.Tensor | None = None):
+    """`model`'s QueryOutput for a batch from `make_batch`: scores of all entities, or of
+    `candidates` [B, C] only."""
     extra = {"knowledge": batch["knowledge"]} if "knowledge" in batch else {}
+    if candidates is not None:
+        extra["candidates"] = candidates
     return model(batch["patches"], batch["cls"], batch["slot_mask"], batch["text"], **extra)
 
 

@@ -133,10 +133,15 @@ class MVTCView(nn.Module):
 
     def forward(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]; masked tokens get zero weight."""
-        b, t, _ = tokens.shape
+        b, t, dim = tokens.shape
         q = self.q(self.query_norm(query)).view(b, self.heads, self.head_dim)
-        k = self.k(self.token_norm(tokens)).view(b, t, self.heads, self.head_dim)
-        logits = torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(self.head_dim)
+        # q_i . (LN(I) W_i^K)^T = LN(I) . (W_i^K^T q_i): folding q into the key map leaves the same
+        # logits without the [B, T, H d] keys, T times fewer multiply-adds (the step's largest
+        # matmul before, with its copy); the token LN's gain folds in the same way.
+        probe = torch.einsum("bhd,hdc->bhc", q, self.k.weight.view(self.heads, self.head_dim, dim))
+        probe = probe * self.token_norm.weight
+        normed = F.layer_norm(tokens, (dim,), eps=self.token_norm.eps)
+        logits = torch.bmm(probe, normed.transpose(1, 2)) / math.sqrt(self.head_dim)  # [B, H, T]
         logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-masked row -> zeros
         pooled = torch.einsum("bht,btd->bhd", weights, tokens)
@@ -163,7 +168,7 @@ class CompletionLayer(nn.Module):
 
 @dataclass
 class QueryOutput:
-    scores: torch.Tensor  # [B, num_entities]
+    scores: torch.Tensor  # [B, num_entities], or [B, C] for the `candidates` forward was given
     query: torch.Tensor  # [B, Q] the vector the entity rows are dotted with (E'_m, or h for lm_head)
     image_tokens: int  # image tokens entering the decoder per query (block width)
     extra_loss: torch.Tensor | None = None  # knowledge path: lambda * L_align, added to the task loss in training
@@ -225,7 +230,12 @@ class ELMM(nn.Module):
         return block, has_images[:, None].expand(b, block.shape[1])
 
     def forward(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor, text: TextBatch,
-                knowledge: KnowledgeBatch | None = None) -> QueryOutput:
+                knowledge: KnowledgeBatch | None = None, candidates: torch.Tensor | None = None) -> QueryOutput:
+        """Scores of every entity for each query, or only of `candidates` [B, C] (entity indices).
+
+        Training scores only the target and its negatives: the same values as the matching columns
+        of the full scores, without the [B, E] product and its two backward products.
+        """
         device = self.llm.device if hasattr(self.llm, "device") else patches.device
         ids, text_mask = text.ids.to(device), text.mask.to(device)
         text_embeds = self.backbone.embed_tokens(ids)
@@ -253,12 +263,15 @@ class ELMM(nn.Module):
         if self.config.head == "completion":
             e_image = masked_max(hidden[:, 1 + k:1 + k + p], image_mask[:, k:], 1)
             query = self.completion.query(e_image, e_entity, e_relation)
-            scores = self.completion.entities(query)
+            rows = self.completion.entities
         else:
             query = e_relation
-            scores = self.entity_embedding(query)
-        if self.knowledge is not None:
-            scores = self.knowledge.score_candidates(scores, query, knowledge, self.backbone)
+            rows = self.entity_embedding
+        if self.knowledge is not None:  # its graph term is defined on all entities' scores
+            scores = self.knowledge.score_candidates(rows(query), query, knowledge, self.backbone)
+            scores = scores if candidates is None else scores.gather(1, candidates.to(device))
+        else:
+            scores = score_rows(rows, query, None if candidates is None else candidates.to(device))
         return QueryOutput(scores=scores, query=query, image_tokens=p, extra_loss=extra_loss)
 
     def query_mask(self, text: TextBatch) -> torch.Tensor:
@@ -293,6 +306,15 @@ class ELMM(nn.Module):
             if isinstance(layer, PrunedDecoderLayer) and layer.compensation is not None:
                 state[f"compensation.{layer.index}"] = layer.compensation
         return state
+
+
+def score_rows(rows: nn.Linear, query: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+    """`query` [B, Q] dotted with every row of `rows` (+ bias): [B, E]; or with the rows
+    `candidates` [B, C] only: [B, C]."""
+    if candidates is None:
+        return rows(query)
+    picked = rows.weight[candidates]  # [B, C, Q]
+    return torch.bmm(picked, query.unsqueeze(2)).squeeze(2) + rows.bias[candidates]
 
 
 def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:
