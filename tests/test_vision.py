@@ -105,6 +105,35 @@ def test_shards_match_direct_vision_tower_outputs(micro_env, micro_backbone) -> 
     assert meta["width"] == cfg.hidden_size == tokens.width and meta["dtype"] == "float16" and meta["pool"] == 1
 
 
+def test_sidecar_is_the_contiguous_table_of_a_shard_with_many_row_groups(tmp_path, monkeypatch) -> None:
+    """The sidecar, filled one row group at a time, has the bytes of the whole table combined at once."""
+    import pyarrow.ipc as ipc
+
+    import elmm.vision as vision
+
+    rng = np.random.default_rng(0)
+    n, tokens, width = 37, 3, 4
+    cls = rng.standard_normal((n, width)).astype(np.float16)
+    patches = rng.standard_normal((n, tokens, width)).astype(np.float16)
+    buf = {"ents": list(range(n)), "slots": [i % 5 for i in range(n)], "bad": ["x"], "cls": [cls[:20], cls[20:]],
+           "patches": [patches[:20], patches[20:]]}
+    monkeypatch.setattr(vision, "ROW_GROUP_BYTES", 5 * (2 * width * (tokens + 1) + 6))  # 5 rows a group
+    vision._write_shard(tmp_path, 0, buf, width, tokens, {"format": 2})
+    parquet, sidecar = tmp_path / shard_name(0), tmp_path / sidecar_name(0)
+    assert pq.ParquetFile(parquet).num_row_groups == 8  # the last one short
+    whole = pq.read_table(parquet).combine_chunks()
+    expected = tmp_path / "expected.arrow"
+    with pa.OSFile(str(expected), "wb") as f, ipc.new_file(f, whole.schema) as writer:
+        writer.write_table(whole, max_chunksize=whole.num_rows)
+    assert sidecar.read_bytes() == expected.read_bytes()
+    with pa.memory_map(str(sidecar)) as source:
+        table = ipc.open_file(source).read_all()
+    assert table.column("patches").num_chunks == 1
+    assert np.array_equal(table.column("patches").chunk(0).flatten().to_numpy().reshape(n, tokens, width), patches)
+    assert np.array_equal(table.column("cls").chunk(0).flatten().to_numpy().reshape(n, width), cls)
+    assert table.column("slot").to_pylist() == [i % 5 for i in range(n)]
+
+
 def test_reader_memory_maps_and_matches_a_full_load(micro_env, reference) -> None:
     """`get` over several shards equals a naive full load; opening allocates no token memory."""
     kg = load_kg(micro_env.kg_dir)

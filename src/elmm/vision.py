@@ -62,6 +62,9 @@ MANIFEST = "manifest.json"
 FORMAT = 2  # bump when the shard layout changes: older shards then count as stale
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs instead of exhausting memory
 SHARD_BYTES = 256 * 2**20  # target shard size when shard_rows is None (DVC slows down with many files)
+#: Bytes per Parquet row group: the writer holds a whole row group's encoded pages, so one row group
+#: per 256 MB shard took 1.4 GB of memory to write (and the sidecar is built one row group at a time).
+ROW_GROUP_BYTES = 16 * 2**20
 PER_SHARD_KEYS = ("shard", "skipped")  # metadata that legitimately differs between shards
 _SHARD_RE = re.compile(r"shard-(\d{5})\.(parquet|arrow)$")
 
@@ -286,8 +289,8 @@ def encode_kg_images(kg, backbone, out_dir: str | Path, *, feature_layer: int, b
 
 def _write_shard(out_dir: Path, k: int, buf: dict, width: int, tokens: int, meta: dict) -> None:
     """Write shard k (Parquet, then its sidecar), each atomically."""
-    cls = np.concatenate(buf["cls"]) if buf["cls"] else np.zeros((0, width), np.float16)
-    patches = np.concatenate(buf["patches"]) if buf["patches"] else np.zeros((0, tokens, width), np.float16)
+    cls = np.concatenate(buf.pop("cls")) if buf["cls"] else np.zeros((0, width), np.float16)
+    patches = np.concatenate(buf.pop("patches")) if buf["patches"] else np.zeros((0, tokens, width), np.float16)
     meta = {**meta, "shard": k, "skipped": buf["bad"]}
     schema = pa.schema(
         [("entity", pa.int32()), ("slot", pa.int16()),
@@ -305,7 +308,9 @@ def _write_shard(out_dir: Path, k: int, buf: dict, width: int, tokens: int, meta
     )
     with atomic_path(out_dir / shard_name(k)) as tmp:
         # Uncompressed: float16 activations barely compress, and plain pages read back fastest.
-        pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=False)
+        pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=False,
+                       row_group_size=max(1, ROW_GROUP_BYTES // (2 * width * (tokens + 1) + 6)))
+    del table, cls, patches
     write_sidecar(out_dir / shard_name(k), out_dir / sidecar_name(k))
 
 
@@ -315,10 +320,44 @@ def write_sidecar(parquet: Path, sidecar: Path) -> None:
     Always made from the file on disk, never from memory, so the sidecar is a pure function of the
     Parquet bytes whether it is written right away or after a crash.
     """
-    table = pq.read_table(parquet).combine_chunks()  # one chunk -> one contiguous buffer per column
+    table = _read_contiguous(parquet)
     with atomic_path(sidecar) as tmp:
         with pa.OSFile(str(tmp), "wb") as f, ipc.new_file(f, table.schema) as writer:
             writer.write_table(table, max_chunksize=max(1, table.num_rows))
+
+
+def _read_contiguous(parquet: Path) -> pa.Table:
+    """The shard's table with one contiguous buffer per column, filled one row group at a time.
+
+    `read_table().combine_chunks()` held the row groups and their concatenation at once (twice
+    the shard); this holds the shard and one row group. Columns are primitive or fixed-size lists
+    of primitives (what `_write_shard` writes), without nulls.
+    """
+    source = pq.ParquetFile(parquet)
+    schema = source.schema_arrow
+    rows = source.metadata.num_rows
+
+    def leaf(t: pa.DataType) -> tuple[pa.DataType, int]:
+        return (t.value_type, t.list_size) if pa.types.is_fixed_size_list(t) else (t, 1)
+
+    flat = {f.name: np.empty(rows * leaf(f.type)[1], leaf(f.type)[0].to_pandas_dtype()) for f in schema}
+    at = 0
+    for g in range(source.num_row_groups):
+        group = source.read_row_group(g)
+        for f in schema:
+            n, lo = leaf(f.type)[1], at
+            for chunk in group.column(f.name).chunks:
+                values = chunk.flatten() if pa.types.is_fixed_size_list(f.type) else chunk
+                flat[f.name][lo * n:(lo + len(chunk)) * n] = values.to_numpy(zero_copy_only=False)
+                lo += len(chunk)
+        at += group.num_rows
+        del group
+    arrays = []
+    for f in schema:
+        t, n = leaf(f.type)
+        values = pa.array(flat.pop(f.name), type=t)
+        arrays.append(pa.FixedSizeListArray.from_arrays(values, n) if pa.types.is_fixed_size_list(f.type) else values)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _parquet_meta(path: Path) -> dict:
