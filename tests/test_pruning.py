@@ -361,3 +361,36 @@ def test_similarity_stage_writes_both_readings_and_a_random_init_control(make_pr
     assert rows[0] == "layer,residual,attention,residual_random_init,attention_random_init"
     assert rows[2].split(",") == ["1", *(str(sim[w][k][1]) for w in ("backbone", "random_init")
                                          for k in ("residual", "attention"))]
+
+
+# ------------------------------------------------------------------------------ the artefact file
+def test_pruning_artefact_round_trips_and_is_byte_stable(tmp_path) -> None:
+    """Same tensors, same bytes: safetensors writes a metadata map in hash order, so an artefact with
+    several metadata keys got another checksum on each write and DVC saw a changed output."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from elmm.pruning.artifact import load_pruning, save_pruning
+
+    w = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    path = tmp_path / "p.safetensors"
+    digests = set()
+    for _ in range(8):
+        save_pruning(path, [3, 1], {1: w, 3: None}, "ridge", "closed_form")
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    layers, weights, method = load_pruning(path)
+    assert (layers, method, weights[3]) == ([1, 3], "ridge", None)
+    assert_close(weights[1], w, **EXACT)
+
+    # The earlier layout (one metadata key per field) still loads; anything else is named.
+    old = tmp_path / "old.safetensors"
+    save_file({"layer.2": w}, str(old), metadata={"layers": "[2]", "compensation": "paper", "init": "zero"})
+    layers, weights, method = load_pruning(old)
+    assert (layers, method) == ([2], "paper")
+    assert_close(weights[2], w, **EXACT)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": w}, str(bad))
+    with pytest.raises(ValueError, match="bad.safetensors: not a pruning artefact"):
+        load_pruning(bad)
