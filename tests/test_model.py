@@ -435,6 +435,35 @@ def test_candidate_scores_are_the_full_scores_columns_with_the_same_loss_gradien
         assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_candidate_scores_gradient_is_bitwise_reproducible_with_shared_rows() -> None:
+    """Many queries pick the same entity rows (shared negatives): the rows' gradient must come out
+    the same bits on every backward at two threads. `weight[candidates]` failed this (its backward
+    adds a shared row's gradients in thread order), which made training differ run to run."""
+    from elmm.model import score_rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        rows = torch.nn.Linear(96, 4000)
+        candidates = torch.randint(0, 200, (256, 65), generator=g)  # every row picked ~80 times
+        query = torch.randn(256, 96, generator=g)
+        upstream = torch.randn(256, 65, generator=g)
+        digests, grads = set(), []
+        for _ in range(5):
+            rows.zero_grad()
+            score_rows(rows, query, candidates).backward(upstream)
+            grads.append(rows.weight.grad.clone())
+            digests.add((rows.weight.grad.numpy().tobytes(), rows.bias.grad.numpy().tobytes()))
+        assert len(digests) == 1
+        # and it is the gradient of the explicit formula: sum over picks of upstream * query
+        expected = torch.zeros(4000, 96).index_add_(0, candidates.reshape(-1),
+                                                     (upstream[:, :, None] * query[:, None, :]).reshape(-1, 96))
+        assert_close(grads[0], expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------- text-view query, E_entity
 def _hand_prompt(tokenizer) -> tuple[PromptBuilder, list[int]]:
     """Two entities (names of several tokens, a description) and one relation."""
