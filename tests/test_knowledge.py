@@ -259,6 +259,33 @@ def test_graphs_of_a_union_do_not_interact(conv) -> None:
     assert_close(both[:3], first, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("conv", ["rgat", "gat", "gcn"])
+def test_layer_gradients_are_bitwise_reproducible_at_two_threads(conv) -> None:
+    """Nodes with many edges: every gradient must come out the same bits on each backward at two
+    threads. Gathering rows by indexing failed this (its backward adds a node's edge gradients in
+    thread order), so a knowledge-path training run was not reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = GraphEncoder(conv, 32, 1).layers[0]
+        g = torch.Generator().manual_seed(1)
+        n, e = 500, 20000  # about 40 edges per node
+        h = torch.randn(n, 32, generator=g, requires_grad=True)
+        src, dst = torch.randint(0, n, (e,), generator=g), torch.randint(0, n, (e,), generator=g)
+        rel, relations = torch.randint(0, 6, (e,), generator=g), torch.randn(6, 32, generator=g)
+        digests = set()
+        for _ in range(5):
+            layer.zero_grad()
+            h.grad = None
+            layer(h, src, dst, rel, relations).square().sum().backward()
+            grads = [h.grad, *(p.grad for p in layer.parameters())]
+            digests.add(b"".join(t.numpy().tobytes() for t in grads))
+        assert len(digests) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_alignment_loss_against_its_formula() -> None:
     torch.manual_seed(0)
     u, t = torch.randn(2, 4, 5), torch.randn(2, 4, 5)

@@ -28,6 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[index]` along dim 0, through `F.embedding`: the same values, but indexing's backward adds the
+    gradients of a row picked several times (a node with many edges) in thread order, so training
+    was not bit-reproducible at two threads; embedding's backward adds them in a fixed order."""
+    if x.dim() == 1:
+        return F.embedding(index, x[:, None]).squeeze(1)
+    return F.embedding(index, x)
+
+
 def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Softmax of `logits` [n] within the groups of equal `index` [n] (e.g. a node's incoming edges)."""
     if logits.numel() == 0:
@@ -35,7 +44,7 @@ def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int
     top = logits.new_full((num_segments,), float("-inf"))
     top = top.scatter_reduce(0, index, logits.detach(), reduce="amax", include_self=True)
     ex = (logits - top[index]).exp()
-    return ex / logits.new_zeros(num_segments).index_add(0, index, ex)[index]
+    return ex / rows(logits.new_zeros(num_segments).index_add(0, index, ex), index)
 
 
 def _aggregate(weights: torch.Tensor, messages: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -56,13 +65,14 @@ class RGATConv(nn.Module):
                   relations: torch.Tensor) -> torch.Tensor:
         """The attention weights [n_edges] (g = W h): per edge, its share among the incoming edges of its target."""
         a = self.att(relations)  # [types, 2d]: a few hundred rows, gathered per edge as two dot products
-        logits = F.leaky_relu((a[rel, :self.dim] * g[dst]).sum(-1) + (a[rel, self.dim:] * g[src]).sum(-1), 0.2)
+        a = rows(a, rel)
+        logits = F.leaky_relu((a[:, :self.dim] * rows(g, dst)).sum(-1) + (a[:, self.dim:] * rows(g, src)).sum(-1), 0.2)
         return segment_softmax(logits.float(), dst, g.shape[0])
 
     def forward(self, h, src, dst, rel, relations):
         g = self.w(h)
         alpha = self.attention(g, src, dst, rel, relations)
-        messages = g[src] + self.rel_msg(relations)[rel]
+        messages = rows(g, src) + rows(self.rel_msg(relations), rel)
         return h + F.elu(_aggregate(alpha, messages, dst, h.shape[0]))
 
 
@@ -76,13 +86,13 @@ class GATConv(nn.Module):
     def attention(self, g, src, dst, rel=None, relations=None) -> torch.Tensor:
         """The attention weights [n_edges] (g = W h)."""
         per_node = g @ self.att.view(2, self.dim).T  # [n, 2]: a^dst . g_i and a^src . g_i once per node
-        logits = F.leaky_relu(per_node[dst, 0] + per_node[src, 1], 0.2)
+        logits = F.leaky_relu(rows(per_node, dst)[:, 0] + rows(per_node, src)[:, 1], 0.2)
         return segment_softmax(logits.float(), dst, g.shape[0])
 
     def forward(self, h, src, dst, rel=None, relations=None):
         g = self.w(h)
         alpha = self.attention(g, src, dst)
-        return h + F.elu(_aggregate(alpha, g[src], dst, h.shape[0]))
+        return h + F.elu(_aggregate(alpha, rows(g, src), dst, h.shape[0]))
 
 
 class GCNConv(nn.Module):
@@ -96,7 +106,7 @@ class GCNConv(nn.Module):
         src, dst = torch.cat([src, loops]), torch.cat([dst, loops])
         deg = torch.zeros(n, device=h.device).index_add(0, dst, torch.ones(len(dst), device=h.device))
         norm = (deg[src] * deg[dst]).rsqrt()
-        return h + F.elu(_aggregate(norm, self.w(h)[src], dst, n))
+        return h + F.elu(_aggregate(norm, rows(self.w(h), src), dst, n))
 
 
 CONVS = {"rgat": RGATConv, "gat": GATConv, "gcn": GCNConv}
