@@ -9,6 +9,7 @@ the `load_micro_backbone` / `make_workspace` factories; the session-scoped `micr
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,17 @@ def run_stage():
         spec = importlib.util.spec_from_file_location(f"elmm_stage_{name}", stages / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        with contextlib.chdir(project):
-            return module.main(**kwargs)
+        # No heap trimmer in-process: each stage run would leave its polling thread behind in the test
+        # process, trimming under tests that measure the heap (test_memory). `dvc repro` tests run it.
+        old = os.environ.get("ELMM_HEAP_TRIM")
+        os.environ["ELMM_HEAP_TRIM"] = "0"
+        try:
+            with contextlib.chdir(project):
+                return module.main(**kwargs)
+        finally:
+            if old is None:
+                os.environ.pop("ELMM_HEAP_TRIM", None)
+            else:
+                os.environ["ELMM_HEAP_TRIM"] = old
 
     return run
