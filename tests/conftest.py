@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -163,15 +164,7 @@ def run_stage():
         spec.loader.exec_module(module)
         # No heap trimmer in-process: each stage run would leave its polling thread behind in the test
         # process, trimming under tests that measure the heap (test_memory). `dvc repro` tests run it.
-        old = os.environ.get("ELMM_HEAP_TRIM")
-        os.environ["ELMM_HEAP_TRIM"] = "0"
-        try:
-            with contextlib.chdir(project):
-                return module.main(**kwargs)
-        finally:
-            if old is None:
-                os.environ.pop("ELMM_HEAP_TRIM", None)
-            else:
-                os.environ["ELMM_HEAP_TRIM"] = old
+        with contextlib.chdir(project), mock.patch.dict(os.environ, {"ELMM_HEAP_TRIM": "0"}):
+            return module.main(**kwargs)
 
     return run

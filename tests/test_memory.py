@@ -4,7 +4,7 @@ import ctypes
 
 import pytest
 
-from elmm.memory import HeapTrimmer, resident_mb
+from elmm.memory import HeapTrimmer, _malloc_trim, resident_mb
 
 trimmer_available = HeapTrimmer().available
 needs_glibc = pytest.mark.skipif(not trimmer_available, reason="needs glibc malloc_trim and /proc")
@@ -30,17 +30,11 @@ def _fragmented_heap(blocks: int = 96, size: int = 4 << 20) -> list:
     return [libc, pins]
 
 
-def _trim_now() -> None:
-    """Start from a heap with no free pages resident: free chunks that earlier tests left resident
-    could hold the new blocks, and touching them would not grow the resident set."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim(0)
-
-
 @needs_glibc
 def test_trimmer_returns_freed_heap_pages_once_growth_exceeds_the_slack():
-    _trim_now()
+    # Start from a heap with no free pages resident: free chunks that earlier tests left resident
+    # could hold the new blocks, and touching them would not grow the resident set.
+    _malloc_trim()(0)
     trimmer = HeapTrimmer(slack_mb=128)
     assert not trimmer.check()  # nothing grew yet
     before = resident_mb()

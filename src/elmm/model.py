@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone
+from .knowledge.encoder import gather_rows
 from .knowledge.path import KnowledgePath
 from .knowledge.source import KnowledgeBatch, knowledge_params
 from .prompt import TextBatch
@@ -313,12 +314,8 @@ def score_rows(rows: nn.Linear, query: torch.Tensor, candidates: torch.Tensor | 
     `candidates` [B, C] only: [B, C]."""
     if candidates is None:
         return rows(query)
-    # F.embedding, not `rows.weight[candidates]`: the same rows, but indexing's backward adds the
-    # gradients of a row picked several times (a negative shared by queries) in thread order, so
-    # training at two threads gave different weights run to run; embedding's backward does not.
-    picked = F.embedding(candidates, rows.weight)  # [B, C, Q]
-    bias = F.embedding(candidates, rows.bias.unsqueeze(1)).squeeze(2)  # [B, C]
-    return torch.bmm(picked, query.unsqueeze(2)).squeeze(2) + bias
+    picked = gather_rows(rows.weight, candidates)  # [B, C, Q]; not weight[candidates] (gather_rows says why)
+    return torch.bmm(picked, query.unsqueeze(2)).squeeze(2) + gather_rows(rows.bias, candidates)
 
 
 def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, negative_mask: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`x[index]` along dim 0, through `F.embedding`: the same values, but indexing's backward adds the
-    gradients of a row picked several times (a node with many edges) in thread order, so training
-    was not bit-reproducible at two threads; embedding's backward adds them in a fixed order."""
+    gradients of a row picked several times (a node with many edges, a negative shared by queries)
+    in thread order, so training was not bit-reproducible at two threads; embedding's backward adds
+    them in a fixed order. Used wherever a trained tensor's rows are gathered (also `score_rows`)."""
     if x.dim() == 1:
-        return F.embedding(index, x[:, None]).squeeze(1)
+        return F.embedding(index, x[:, None]).squeeze(-1)
     return F.embedding(index, x)
 
 
@@ -44,7 +45,7 @@ def segment_softmax(logits: torch.Tensor, index: torch.Tensor, num_segments: int
     top = logits.new_full((num_segments,), float("-inf"))
     top = top.scatter_reduce(0, index, logits.detach(), reduce="amax", include_self=True)
     ex = (logits - top[index]).exp()
-    return ex / rows(logits.new_zeros(num_segments).index_add(0, index, ex), index)
+    return ex / gather_rows(logits.new_zeros(num_segments).index_add(0, index, ex), index)
 
 
 def _aggregate(weights: torch.Tensor, messages: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> torch.Tensor:
@@ -64,15 +65,15 @@ class RGATConv(nn.Module):
     def attention(self, g: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, rel: torch.Tensor,
                   relations: torch.Tensor) -> torch.Tensor:
         """The attention weights [n_edges] (g = W h): per edge, its share among the incoming edges of its target."""
-        a = self.att(relations)  # [types, 2d]: a few hundred rows, gathered per edge as two dot products
-        a = rows(a, rel)
-        logits = F.leaky_relu((a[:, :self.dim] * rows(g, dst)).sum(-1) + (a[:, self.dim:] * rows(g, src)).sum(-1), 0.2)
+        a = gather_rows(self.att(relations), rel)  # [types, 2d] (a few hundred rows) gathered per edge
+        logits = F.leaky_relu((a[:, :self.dim] * gather_rows(g, dst)).sum(-1)
+                              + (a[:, self.dim:] * gather_rows(g, src)).sum(-1), 0.2)
         return segment_softmax(logits.float(), dst, g.shape[0])
 
     def forward(self, h, src, dst, rel, relations):
         g = self.w(h)
         alpha = self.attention(g, src, dst, rel, relations)
-        messages = rows(g, src) + rows(self.rel_msg(relations), rel)
+        messages = gather_rows(g, src) + gather_rows(self.rel_msg(relations), rel)
         return h + F.elu(_aggregate(alpha, messages, dst, h.shape[0]))
 
 
@@ -86,13 +87,13 @@ class GATConv(nn.Module):
     def attention(self, g, src, dst, rel=None, relations=None) -> torch.Tensor:
         """The attention weights [n_edges] (g = W h)."""
         per_node = g @ self.att.view(2, self.dim).T  # [n, 2]: a^dst . g_i and a^src . g_i once per node
-        logits = F.leaky_relu(rows(per_node, dst)[:, 0] + rows(per_node, src)[:, 1], 0.2)
+        logits = F.leaky_relu(gather_rows(per_node, dst)[:, 0] + gather_rows(per_node, src)[:, 1], 0.2)
         return segment_softmax(logits.float(), dst, g.shape[0])
 
     def forward(self, h, src, dst, rel=None, relations=None):
         g = self.w(h)
         alpha = self.attention(g, src, dst)
-        return h + F.elu(_aggregate(alpha, rows(g, src), dst, h.shape[0]))
+        return h + F.elu(_aggregate(alpha, gather_rows(g, src), dst, h.shape[0]))
 
 
 class GCNConv(nn.Module):
@@ -106,7 +107,7 @@ class GCNConv(nn.Module):
         src, dst = torch.cat([src, loops]), torch.cat([dst, loops])
         deg = torch.zeros(n, device=h.device).index_add(0, dst, torch.ones(len(dst), device=h.device))
         norm = (deg[src] * deg[dst]).rsqrt()
-        return h + F.elu(_aggregate(norm, rows(self.w(h), src), dst, n))
+        return h + F.elu(_aggregate(norm, gather_rows(self.w(h), src), dst, n))
 
 
 CONVS = {"rgat": RGATConv, "gat": GATConv, "gcn": GCNConv}
