@@ -276,15 +276,15 @@ def test_kge_scores_in_batches_bounded_by_the_memory_budget(micro_kg, monkeypatc
     _pykeen()
     import elmm.kge as kge
 
-    assert kge.query_batch_size(14_541, 256) * 14_541 * 2 * 256 <= kge.SCORE_BUDGET
-    assert kge.query_batch_size(10**9, 256) == 1  # never zero
+    assert kge.query_batch_size(14_541) * 14_541 <= kge.SCORE_BUDGET
+    assert kge.query_batch_size(10**9) == 1  # never zero
     torch.set_num_threads(1)
     kg = load_kg(micro_kg)
     model = _train(kg.triples, kg.num_entities, kg.num_relations).model
     queries = queries_from_triples(kg.triples["test"])
     whole = kge.score_queries(model, queries)
-    monkeypatch.setattr(kge, "SCORE_BUDGET", 3 * kg.num_entities * 2 * MICRO_KGE["dim"])  # 3 queries a batch
-    assert kge.query_batch_size(kg.num_entities, MICRO_KGE["dim"]) == 3
+    monkeypatch.setattr(kge, "SCORE_BUDGET", 3 * kg.num_entities)  # 3 queries a batch
+    assert kge.query_batch_size(kg.num_entities) == 3
     assert torch.equal(kge.score_queries(model, queries), whole)
 
 
@@ -301,9 +301,30 @@ def test_real_view_rotate_scores_like_pykeens_rotate():
     ours = rotate_class()(triples_factory=factory, embedding_dim=16, random_seed=2)
     ours.load_state_dict(reference.state_dict())
     pairs = torch.tensor([[0, 0], [5, 1], [29, 0]])
+    some = torch.tensor([3, 4, 29])
+    triples = torch.tensor([[0, 0, 1], [5, 1, 29], [29, 0, 29]])
     with torch.inference_mode():
+        # against every entity: one matrix product (all_entity_distances), not PyKEEN's [B, N, D] form
         assert torch.allclose(ours.score_t(pairs), reference.score_t(pairs), atol=1e-5)
         assert torch.allclose(ours.score_h(pairs.flip(1)), reference.score_h(pairs.flip(1)), atol=1e-5)
+        assert torch.allclose(ours.score_t(pairs, tails=some), reference.score_t(pairs, tails=some), atol=1e-5)
+        assert torch.allclose(ours.score_t(pairs, slice_size=7), reference.score_t(pairs), atol=1e-5)
+        # one (h, r, t) at a time (training's path): the direct form
+        assert torch.allclose(ours.score_hrt(triples), reference.score_hrt(triples), atol=1e-5)
+
+
+def test_all_entity_distances_match_the_direct_form():
+    from elmm.kge import all_entity_distances
+
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, 64, dtype=torch.cfloat, generator=g)
+    entities = torch.randn(40, 64, dtype=torch.cfloat, generator=g)
+    entities[7] = queries[2]  # an exact match: distance 0, not NaN
+    direct = torch.view_as_real(queries[:, None] - entities[None]).double().square().sum((-1, -2)).sqrt()
+    got = all_entity_distances(queries, entities)
+    assert got.shape == (5, 40) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), direct, rtol=1e-6, atol=1e-6)
+    assert got[2, 7] < 1e-6
 
 
 def test_stage_with_kge_writes_its_ranks(tmp_path, micro_kg, run_stage):
