@@ -92,6 +92,19 @@ def test_expected_reciprocal_rank_under_random_tie_breaking():
     assert values["hits_at_3"] == pytest.approx([2 / 3, 1, 1])
 
 
+def test_exact_ranking_keeps_large_distinct_scores_apart():
+    # Dense ranks (the ceilings' scores) are integers 1 apart; past 1 / TIE_RTOL the model's tolerance
+    # would tie them. Entity 1 (the target) scores 20,000, entity 2 scores 20,001.
+    queries = queries_from_triples(np.array([[0, 0, 1]]))
+    tail = queries.subset(queries.directions == 0)
+    filters = FilterIndex(np.array([[0, 0, 1]]), 3)
+    scorer = lambda batch: torch.tensor([[0.0, 20_000.0, 20_001.0]], dtype=torch.float64)  # noqa: E731
+    tolerant = rank_queries(scorer, tail, filters)
+    exact = rank_queries(scorer, tail, filters, exact=True)
+    assert (tolerant["optimistic"][0], tolerant["pessimistic"][0]) == (1, 2)  # within 1e-5 + 1e-4 * 20,000
+    assert (exact["optimistic"][0], exact["pessimistic"][0]) == (2, 2)
+
+
 def test_bayes_ceilings_on_a_hand_built_world():
     c = bayes_ceilings(TRIPLES, _latent(), ENTITY_IDS, RELATION_IDS, NAMES, WORLD_PARAMS)
     # The posterior weight of a head candidate h: E[k_h - o_h | o_h] / (2 - o_h), q = 2/4 train edges of knows,

@@ -66,13 +66,14 @@ RANK_CELLS = 2**21
 # ----------------------------------------------------------------------------- ranking
 
 
-def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex,
-                 batch_size: int | None = None) -> dict[str, np.ndarray]:
+def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex, batch_size: int | None = None, *,
+                 exact: bool = False) -> dict[str, np.ndarray]:
     """Filtered ranks (elmm.evaluation.compute_ranks) of every query, in query order.
 
     `scorer(batch)` returns `[len(batch), num_entities]` scores (higher = better) for a batch of
     queries; by default a batch holds `RANK_CELLS` scores, so memory does not grow with the number
-    of queries. Returns numpy arrays `optimistic`, `pessimistic`, `realistic`, `candidates`.
+    of queries. Scores tie within the model's tolerance (`TIE_ATOL`, `TIE_RTOL`), or only when equal
+    with `exact`. Returns numpy arrays `optimistic`, `pessimistic`, `realistic`, `candidates`.
     """
     batch_size = batch_size or max(1, RANK_CELLS // filters.num_entities)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("optimistic", "pessimistic", "realistic", "candidates")}
@@ -82,7 +83,7 @@ def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex,
         if scores.shape != (len(batch), filters.num_entities):
             raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(batch)}, {filters.num_entities})")
         mask = filters.mask(batch.anchors, batch.relations, batch.directions)
-        ranks = compute_ranks(scores, batch.targets, mask)
+        ranks = compute_ranks(scores, batch.targets, mask, **({"atol": 0.0, "rtol": 0.0} if exact else {}))
         for key in parts:
             parts[key].append(ranks[key].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
@@ -287,8 +288,8 @@ def oracle_weights(world: _World, relation: str, train_fraction: float, train_r:
 
 
 def _dense(weights: np.ndarray) -> torch.Tensor:
-    """Weights as scores `compute_ranks` compares exactly: the dense rank of each value (rounded to
-    12 digits, so equal posteriors computed along different paths still tie), 1 apart."""
+    """Weights as exactly comparable scores (ranked with `exact=True`): the dense rank of each value
+    (rounded to 12 digits, so equal posteriors computed along different paths still tie), 1 apart."""
     _, inverse = np.unique(np.round(weights, 12), return_inverse=True)
     return torch.from_numpy(inverse.reshape(weights.shape).astype(np.float64))
 
@@ -325,7 +326,8 @@ def bayes_ceilings(triples: Mapping[str, np.ndarray], latent: pd.DataFrame, enti
                                                     batch.directions.tolist())]
         return _dense(np.stack(rows) if rows else np.zeros((0, world.num_entities)))
 
-    ranks = rank_queries(scorer, queries, filters)
+    # exact: with the tolerance, dense ranks past 1 / TIE_RTOL (10,000 distinct posteriors) would tie
+    ranks = rank_queries(scorer, queries, filters, exact=True)
     result = metrics_table(expected_rank_values(ranks), queries, list(relation_names))
     if unknown:
         result["unknown_relations"] = unknown
