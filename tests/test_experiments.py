@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elmm.experiments import load_experiments, markdown_table, queue_commands, seed_table, sweep_rows
+from elmm.experiments import load_experiments, markdown_table, merge_runs, queue_commands, seed_table, sweep_rows
 
 
 def _rev(name, k, mrr, running=False, seed=0):
@@ -33,6 +33,18 @@ def test_rows_skip_workspace_and_unfinished_experiments():
     show[1]["experiments"].append({"executor": {"state": "running"}, "revs": [_rev("copy", 6, 0.5)]})
     show[1]["experiments"].append({"executor": {"state": "success"}, "revs": [_rev("done", 6, 0.4)]})
     assert [r["name"] for r in load_experiments(json.dumps(show))] == ["main", "k0", "k8", "done"]
+
+
+def test_runs_of_several_commits_count_each_params_set_once():
+    first = load_experiments(json.dumps(SHOW))  # main (k 4), k0, k8
+    later = json.loads(json.dumps(SHOW))
+    later[1]["data"] = _rev("main2", 4, 0.5)["data"]  # the later commit's baseline: the same run again
+    later[1]["experiments"] = [{"revs": [_rev("k2", 2, 0.7)]}, {"revs": [_rev("k0-again", 0, 0.6)]}]
+    notes = []
+    rows = merge_runs([first, load_experiments(json.dumps(later))], say=notes.append)
+    assert [r["name"] for r in rows] == ["main", "k0", "k8", "k2"]
+    assert len(notes) == 2 and "counted once" in notes[0]
+    assert merge_runs([first]) == first  # one commit: nothing merged away
 
 
 def test_table_shows_changed_params_and_metrics():

@@ -8,7 +8,8 @@
     python -m elmm.experiments table --by-seed --baseline full   # + paired difference to `full`, 95% bootstrap CI
     python -m elmm.experiments queue --only full --sweep 'train.lr=1e-4,2e-4,3e-4,5e-4,8e-4,1e-3'   # the lr grid
     python -m elmm.experiments sweep --param prune.k   # CSV of metrics against a param, for `dvc plots`
-    (table/sweep: experiments of HEAD; --rev <commit> for those queued from another commit, -A for all)
+    (table/sweep: experiments of HEAD; --rev <commit> for those queued from another commit, repeated
+    for several, -A for all)
 
 All read `dvc exp show --json` (so they work on whatever `dvc exp run` produced) and never
 recompute a metric. A replicate changes the top-level `seed`, which regenerates the synthetic
@@ -98,12 +99,41 @@ def _row(name: str, data: dict) -> dict | None:
     return {"name": name, "rev": data.get("rev"), "params": params, "metrics": metrics}
 
 
-def load_experiments(show_json: str | None = None, all_commits: bool = False, rev: str | None = None) -> list[dict]:
+def load_experiments(show_json: str | None = None, all_commits: bool = False,
+                     rev: str | Sequence[str] | None = None, say=None) -> list[dict]:
     """Rows {name, params, metrics} for the baseline and every experiment with evaluate metrics
-    (experiments of HEAD, of commit `rev`, or of every commit)."""
-    if show_json is None:
-        cmd = ["dvc", "exp", "show", "--json"] + (["-A"] if all_commits else []) + (["--rev", rev] if rev else [])
-        show_json = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    (experiments of HEAD, of commit `rev` or of each of several commits, or of every commit).
+
+    With several commits (a queue filled across a commit whose change leaves the runs alone), a
+    run with the params of one already read is counted once (`merge_runs`)."""
+    if show_json is not None:
+        return _rows_from_show(show_json)
+    revs = [rev] if rev is None or isinstance(rev, str) else list(rev)
+    shows = [subprocess.run(["dvc", "exp", "show", "--json"] + (["-A"] if all_commits else [])
+                            + (["--rev", r] if r else []), check=True, capture_output=True, text=True).stdout
+             for r in revs]
+    return merge_runs([_rows_from_show(show) for show in shows], say=say)
+
+
+def merge_runs(row_lists: Sequence[list[dict]], say=None) -> list[dict]:
+    """The rows of several commits' experiments in order, each params set once (the first read)."""
+    if len(row_lists) == 1:
+        return list(row_lists[0])
+    seen: dict[str, dict] = {}
+    rows = []
+    for row in (r for rows_ in row_lists for r in rows_):
+        key = json.dumps(row["params"], sort_keys=True)
+        if key in seen:
+            if say:
+                say(f"{row['name']} ({row['rev'][:7]}): the params of {seen[key]['name']} "
+                    f"({seen[key]['rev'][:7]}), counted once")
+            continue
+        seen[key] = row
+        rows.append(row)
+    return rows
+
+
+def _rows_from_show(show_json: str) -> list[dict]:
     rows = []
     for base in json.loads(show_json):
         if base.get("rev") == "workspace":
@@ -438,7 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
     for p in (t, s):
         p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
-        p.add_argument("--rev", help="experiments derived from this commit instead of HEAD")
+        p.add_argument("--rev", action="append",
+                       help="experiments derived from this commit instead of HEAD; repeat it for several "
+                            "commits (a run whose params repeat an earlier one's is counted once)")
     args = ap.parse_args(argv)
     if args.command == "queue":
         import yaml
@@ -461,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
             if not args.dry_run:
                 subprocess.run(cmd, check=True)
         return
-    rows = load_experiments(all_commits=args.all_commits, rev=args.rev)
+    rows = load_experiments(all_commits=args.all_commits, rev=args.rev,
+                            say=lambda m: print(m, file=sys.stderr))
     if not rows:
         sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
     if args.command == "table":
