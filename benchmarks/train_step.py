@@ -15,6 +15,10 @@ builds the same model (LoRA included) and runs `elmm.training.train_model` witho
 
 The code measured is the `elmm` that Python imports (the installed checkout); to compare two
 versions side by side, run each with `PYTHONPATH=<its checkout>/src`. Prints one JSON object.
+
+Under torchrun (`torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py ...`) the loop
+runs data-parallel as the train stage does (`train.batch_size` is the global batch, each rank a
+slice of it, DDP over gloo on CPU); rank 0 prints, and the profile is skipped.
 The step's phases that are not the model (negatives, filter masks, make_batch) are what a faster
 data path can cut; forward, loss, backward and optimizer are the model.
 """
@@ -53,14 +57,14 @@ def build(repo: Path):
     return model, ws, queries_from_triples(kg.triples["train"]), FilterIndex(kg.triples["train"], kg.num_entities), p
 
 
-def run(model, ws, queries, filters, p, steps: int) -> float:
+def run(model, ws, queries, filters, p, steps: int, dist=None) -> float:
     """Seconds for `steps` optimizer steps of train_model (no validation, no checkpoints)."""
     from elmm.training import train_model
 
     tp = dataclasses.replace(p.train, max_steps=steps, epochs=max(p.train.epochs, 1000), patience=0,
                              checkpoint_every=0)
     start = time.perf_counter()
-    train_model(model, ws, queries, filters, tp, seed=p.seed, progress=False)
+    train_model(model, ws, queries, filters, tp, seed=p.seed, progress=False, dist=dist)
     return time.perf_counter() - start
 
 
@@ -73,10 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=15, help="operators listed by self CPU time")
     args = ap.parse_args(argv)
 
+    from elmm.distributed import init_distributed, shutdown_distributed
+
+    dist, _ = init_distributed(torch.device("cpu"))
     model, ws, queries, filters, p = build(args.repo)
-    run(model, ws, queries, filters, p, args.warmup)
-    seconds = run(model, ws, queries, filters, p, args.steps)
+    run(model, ws, queries, filters, p, args.warmup, dist)
+    seconds = run(model, ws, queries, filters, p, args.steps, dist)
     batch = p.train.batch_size * p.train.grad_accum
+    if dist.enabled:
+        shutdown_distributed(dist)
+        if dist.main:
+            print(json.dumps({
+                "entities": ws.kg.num_entities, "train_queries": len(queries), "batch_size": batch,
+                "world_size": dist.world, "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__,
+                "steps": args.steps, "seconds": round(seconds, 3), "steps_per_s": round(args.steps / seconds, 2),
+                "queries_per_s": round(args.steps * batch / seconds, 1)}, indent=1))
+        return
 
     from torch.profiler import ProfilerActivity, profile
 

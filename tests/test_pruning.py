@@ -14,7 +14,9 @@ from torch.testing import assert_close
 from elmm.pruning.compensation import CompensationAccumulator
 from elmm.pruning.layers import (
     PrunedDecoderLayer,
+    attention_free_top,
     calibrate_bottom_up,
+    hidden_at,
     measure_similarity,
     prune_layers,
     rank_layers,
@@ -89,6 +91,39 @@ def test_k0_pruning_is_identity(load_micro_backbone, micro_backbone, batches) ->
     with torch.no_grad():
         for batch in batches:
             assert_close(decode(bb, batch), decode(micro_backbone, batch), **EXACT)
+
+
+@pytest.mark.parametrize(("pruned", "top"), [([], None), ([1], None), ([1, 2], 1), ([2], 2), ([0, 1, 2], 0)])
+def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_micro_backbone, batches,
+                                                                           pruned, top) -> None:
+    """The hidden states at the positions read, and their gradients, are those of the full decoder
+    pass, whether the pruned layers at the top run on every position or on the read ones only."""
+    bb = load_micro_backbone()
+    g = torch.Generator().manual_seed(3)
+    dim = bb.hidden_size
+    prune_layers(bb.layers, {i: 0.1 * torch.randn(dim, dim, generator=g) for i in pruned})
+    assert attention_free_top(bb.layers) == top
+    bb.decoder.double()  # float64: the two passes agree to rounding far below the tolerance
+    for batch in batches:
+        b, t = batch["decoder_mask"].shape
+        positions = torch.stack([torch.randperm(t, generator=g)[:3] for _ in range(b)])
+        results = []
+        for observed in (False, True):
+            # a hook on the last layer makes hidden_at take the full pass (as the pruning analyses do)
+            handle = bb.layers[-1].register_forward_hook(lambda *a: None) if observed else None
+            assert (attention_free_top(bb.layers) is None) == (observed or top is None)
+            embeds = batch["embeds"].double().requires_grad_(True)
+            out = hidden_at(bb.decoder, embeds, batch["decoder_mask"], positions)
+            out.square().sum().backward()
+            results.append((out.detach(), embeds.grad))
+            if handle is not None:
+                handle.remove()
+        (fast, fast_grad), (full, full_grad) = results
+        assert fast.shape == (b, 3, dim)
+        assert_close(fast, full, rtol=1e-10, atol=1e-12)
+        assert_close(fast_grad, full_grad, rtol=1e-10, atol=1e-12)
+        whole = bb.decoder(inputs_embeds=batch["embeds"].double(), attention_mask=batch["decoder_mask"].long())
+        assert_close(full, whole.last_hidden_state.detach().gather(1, positions[:, :, None].expand(-1, -1, dim)), **EXACT)
 
 
 def test_prune_without_compensation_equals_zeroed_attention(load_micro_backbone, batches) -> None:

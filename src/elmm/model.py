@@ -41,7 +41,7 @@ from .knowledge.encoder import gather_rows
 from .knowledge.path import KnowledgePath
 from .knowledge.source import KnowledgeBatch, knowledge_params
 from .prompt import TextBatch
-from .pruning.layers import PrunedDecoderLayer
+from .pruning.layers import PrunedDecoderLayer, hidden_at
 
 
 @dataclass
@@ -254,15 +254,16 @@ class ELMM(nn.Module):
         bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.start_token_id, device=device))
         embeds = torch.cat([bos, images.to(text_embeds.dtype), text_embeds], dim=1)
         attention_mask = self.decoder_mask(image_mask, text_mask)
-        hidden = self.backbone.decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
-        rows = torch.arange(b, device=device)
         entity_pos = text.entity_pos if self.config.entity_readout == "segment_end" else text.name_pos
         if entity_pos is None:
             raise ValueError("model.entity_readout=name_end needs TextBatch.name_pos (PromptBuilder fills it)")
-        e_entity = hidden[rows, 1 + k + p + entity_pos.to(device)]
-        e_relation = hidden[rows, 1 + k + p + text.relation_pos.to(device)]
+        # The positions read: the image block, the entity token, the relation token.
+        image_pos = torch.arange(1 + k, 1 + k + p, device=device).expand(b, p)
+        text_pos = 1 + k + p + torch.stack([entity_pos, text.relation_pos], 1).to(device)
+        hidden = hidden_at(self.backbone.decoder, embeds, attention_mask, torch.cat([image_pos, text_pos], 1))
+        e_entity, e_relation = hidden[:, p], hidden[:, p + 1]
         if self.config.head == "completion":
-            e_image = masked_max(hidden[:, 1 + k:1 + k + p], image_mask[:, k:], 1)
+            e_image = masked_max(hidden[:, :p], image_mask[:, k:], 1)
             query = self.completion.query(e_image, e_entity, e_relation)
             rows = self.completion.entities
         else:

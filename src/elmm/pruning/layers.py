@@ -34,6 +34,60 @@ class PrunedDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class _Below(Exception):
+    """Raised by `hidden_at`'s hook once the residual stream below the attention-free top is read."""
+
+
+def attention_free_top(layers: nn.ModuleList) -> int | None:
+    """Index of the first of the pruned layers that end the decoder, or None when the last layer
+    keeps its attention or a hook observes one of them (the pruning analyses need every position)."""
+    start = len(layers)
+    while start > 0 and isinstance(layers[start - 1], PrunedDecoderLayer):
+        start -= 1
+    if start == len(layers):
+        return None
+    observed = any(m._forward_hooks or m._forward_pre_hooks for layer in layers[start:] for m in layer.modules())
+    return None if observed else start
+
+
+def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states (after its norm) at `positions` [B, n] only: [B, n, D].
+
+    A pruned layer maps each position on its own (no attention), so once every layer above some
+    point is pruned, positions nobody reads cannot change the ones read: those top layers run on
+    the `n` read positions instead of the whole sequence (the same function; ELMM reads the image
+    block and two text positions, so at K = L/2 pruned from the top this is a third of the work of
+    those layers). The layers below run on the whole sequence through the decoder's own forward.
+    """
+    layers = decoder.layers
+    start = attention_free_top(layers)
+    index = positions[:, :, None].expand(-1, -1, embeds.shape[-1])
+    if start is None:
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
+        return hidden.gather(1, index)
+    x = embeds
+    if start > 0:  # the decoder's forward up to the input of layer `start`
+        store = {}
+
+        def stop(module, args, kwargs):
+            store["x"] = _layer_input(args, kwargs)
+            raise _Below
+
+        handle = layers[start].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            decoder(inputs_embeds=embeds, attention_mask=attention_mask.long())
+        except _Below:
+            pass
+        finally:
+            handle.remove()
+        x = store["x"]
+    x = x.gather(1, index)
+    for layer in layers[start:]:
+        x = layer(x)
+    return decoder.norm(x)
+
+
 def prune_layers(layers: nn.ModuleList, weights: dict[int, torch.Tensor | None]) -> None:
     """Replace each layer index in `weights` by a PrunedDecoderLayer with that W_c (or none)."""
     for index, w in weights.items():
