@@ -435,6 +435,41 @@ def test_candidate_scores_are_the_full_scores_columns_with_the_same_loss_gradien
         assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("head", ["completion", "lm_head"])
+@pytest.mark.parametrize("mvtc", [True, False])
+def test_pruned_top_reads_the_same_positions_as_the_full_decoder_pass(make_workspace, head, mvtc) -> None:
+    """With the top layers pruned the decoder's top runs on the read positions only
+    (pruning.layers.hidden_at): scores and gradients equal those of the full pass, which a hook on
+    the decoder forces."""
+    from elmm.pruning.layers import attention_free_top, prune_layers
+
+    ws = make_workspace()  # its own backbone: pruned here
+    dim = ws.backbone.hidden_size
+    g = torch.Generator().manual_seed(4)
+    prune_layers(ws.backbone.layers, {i: 0.1 * torch.randn(dim, dim, generator=g) for i in (1, 2)})
+    assert attention_free_top(ws.backbone.layers) == 1
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, head=head, mvtc_enabled=mvtc))
+    perturb_([p for n, p in model.named_parameters() if not n.startswith("llm.")], 0.05)
+    batch = make_batch(ws, queries_from_triples(ws.kg.triples["train"][:6]))
+    results, calls = [], []
+    for full in (False, True):
+        handle = ws.backbone.decoder.register_forward_hook(lambda *a: calls.append(1)) if full else None
+        model.zero_grad()
+        out = forward_batch(model, batch)
+        out.scores.square().sum().backward()
+        results.append((out.scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+        if handle is not None:
+            handle.remove()
+    assert calls == [1]  # the hooked pass ran the decoder's forward to its end
+    (fast, fast_grads), (whole, whole_grads) = results
+    assert_close(fast, whole, rtol=1e-5, atol=1e-6)
+    assert set(fast_grads) == set(whole_grads) and fast_grads
+    for name, grad in whole_grads.items():
+        assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
 def test_candidate_scores_gradient_is_bitwise_reproducible_with_shared_rows() -> None:
     """Many queries pick the same entity rows (shared negatives): the rows' gradient must come out
     the same bits on every backward at two threads. `weight[candidates]` failed this (its backward

@@ -59,9 +59,12 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
     the `n` read positions instead of the whole sequence (the same function; ELMM reads the image
     block and two text positions, so at K = L/2 pruned from the top this is a third of the work of
     those layers). The layers below run on the whole sequence through the decoder's own forward.
+    A forward hook on the top layers, the decoder or its norm gets the full pass instead.
     """
     layers = decoder.layers
     start = attention_free_top(layers)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (decoder, decoder.norm)):
+        start = None  # whoever observes the decoder's own forward or its norm gets the full pass
     index = positions[:, :, None].expand(-1, -1, embeds.shape[-1])
     if start is None:
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
