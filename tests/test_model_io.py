@@ -22,6 +22,7 @@ from elmm.model_io import (
     install_pruning,
     load_trained,
     lora_config,
+    save_lora_config,
     save_trained,
     set_trainable,
 )
@@ -167,6 +168,20 @@ def test_adapter_is_in_peft_layout_and_loads_with_peft(make_workspace, micro_env
     assert set(loaded) == set(saved)
     for key, tensor in saved.items():
         assert torch.equal(loaded[key].detach(), tensor), key
+
+
+def test_adapter_config_lists_target_modules_sorted(tmp_path) -> None:
+    """PEFT writes its target_modules set in hash order (another order in another process);
+    save_lora_config writes them sorted, so the same adapter has the same bytes on every run."""
+    from peft import LoraConfig
+
+    names = ["v_proj", "q_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=names)
+    assert isinstance(lora.target_modules, set)
+    save_lora_config(lora, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert written == sorted(names)
+    assert isinstance(lora.target_modules, set)  # the caller's config is left as it was
 
 
 def test_old_model_layout_gets_a_clear_message(make_workspace, tmp_path) -> None:

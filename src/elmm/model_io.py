@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -94,6 +95,16 @@ def set_trainable(model: ELMM) -> tuple[int, int]:
     return trainable, total
 
 
+def save_lora_config(lora, directory) -> None:
+    """`adapter_config.json` with `target_modules` sorted: peft keeps them as a set and writes the
+    set's order, which changes with Python's string hashing from one process to the next, so the
+    same adapter got another checksum on every run."""
+    lora = copy.copy(lora)
+    if isinstance(lora.target_modules, set):
+        lora.target_modules = sorted(lora.target_modules)  # assigned, not replaced: __post_init__ would make a set again
+    lora.save_pretrained(str(directory))
+
+
 def save_trained(out_dir, model: ELMM, extra: dict) -> None:
     """Write `data/model` (module docstring) atomically; `extra` goes into config.json."""
     from peft import get_peft_model_state_dict
@@ -105,7 +116,7 @@ def save_trained(out_dir, model: ELMM, extra: dict) -> None:
             adapter = get_peft_model_state_dict(model.backbone.decoder)
             save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS),
                       metadata={"format": "pt"})
-            lora.save_pretrained(str(tmp))  # adapter_config.json
+            save_lora_config(lora, tmp)
         config = {"elmm": model.config.to_dict(), "adapter": ADAPTER_CONFIG if lora is not None else None, **extra}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
