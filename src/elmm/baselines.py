@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .evaluation import compute_ranks, summarize
+from .evaluation import TIE_ATOL, TIE_RTOL, compute_ranks, summarize
 from .kg.format import SPLITS, KnowledgeGraph
 from .kg.queries import HEAD, TAIL, FilterIndex, Queries, queries_from_triples
 from .kg.synthetic import ATTRIBUTE_RELATIONS, CONCEPTS
@@ -83,7 +83,7 @@ def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex, batch_s
         if scores.shape != (len(batch), filters.num_entities):
             raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(batch)}, {filters.num_entities})")
         mask = filters.mask(batch.anchors, batch.relations, batch.directions)
-        ranks = compute_ranks(scores, batch.targets, mask, **({"atol": 0.0, "rtol": 0.0} if exact else {}))
+        ranks = compute_ranks(scores, batch.targets, mask, atol=0.0 if exact else TIE_ATOL, rtol=0.0 if exact else TIE_RTOL)
         for key in parts:
             parts[key].append(ranks[key].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}

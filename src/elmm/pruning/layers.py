@@ -44,10 +44,14 @@ def attention_free_top(layers: nn.ModuleList) -> int | None:
     start = len(layers)
     while start > 0 and isinstance(layers[start - 1], PrunedDecoderLayer):
         start -= 1
-    if start == len(layers):
+    if start == len(layers) or _observed(*layers[start:]):
         return None
-    observed = any(m._forward_hooks or m._forward_pre_hooks for layer in layers[start:] for m in layer.modules())
-    return None if observed else start
+    return start
+
+
+def _observed(*modules: nn.Module) -> bool:
+    """Whether a forward hook watches any of `modules` or their submodules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
 
 
 def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -62,9 +66,9 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
     A forward hook on the top layers, the decoder or its norm gets the full pass instead.
     """
     layers = decoder.layers
-    start = attention_free_top(layers)
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (decoder, decoder.norm)):
-        start = None  # whoever observes the decoder's own forward or its norm gets the full pass
+    # whoever observes the decoder's own forward or its norm gets the full pass too
+    start = None if _observed(decoder.norm) or decoder._forward_hooks or decoder._forward_pre_hooks \
+        else attention_free_top(layers)
     index = positions[:, :, None].expand(-1, -1, embeds.shape[-1])
     if start is None:
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
