@@ -1,5 +1,6 @@
 """elmm.experiments reads `dvc exp show --json` rows into the ablation table and sweep points."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -277,3 +278,26 @@ def test_knowledge_ablations_enable_the_path_themselves():
             key, value = override.split("=")
             raw["model"]["knowledge"][key.split(".")[-1]] = value == "true" or int(value)
         assert from_dict(raw).model.knowledge.max_triples == n
+
+
+def test_every_ablation_overrides_known_params_with_valid_values():
+    """A typo in an override's key or value would only show when its queued run fails: each ablation
+    applied to params.yaml must name existing keys and pass the config's validation."""
+    import yaml
+
+    from elmm.config import from_dict, validate
+    from elmm.experiments import ABLATIONS, resolve_overrides
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    layers = base["model"]["tiny"]["layers"]
+    for name, overrides in ABLATIONS.items():
+        raw = copy.deepcopy(base)
+        for o in resolve_overrides(overrides, layers // 2, layers):
+            key, value = o.split("=", 1)
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            assert leaf in node, f"{name}: {key} is not in params.yaml"
+            node[leaf] = yaml.safe_load(value)
+        validate(from_dict(raw), num_layers=layers)

@@ -59,6 +59,11 @@ ABLATIONS = {
     "no-init": ["prune.init=zero"],
     "lm-head": ["model.head=lm_head"],
     "no-self-denoise": ["train.self_denoise=false"],
+    # the options issue 14 asks to measure against today's defaults (docs/model.md)
+    "paper-text-query": ["model.mvtc.text_query=entity_relation"],
+    "name-readout": ["model.entity_readout=name_end"],
+    "shared-value": ["model.mvtc.value=shared"],
+    "low-rank-value": ["model.mvtc.value=low_rank"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
