@@ -77,6 +77,8 @@ ABLATIONS = {
     "no-alignment": [KNOWLEDGE_ON, "model.knowledge.align_lambda=0"],
     "gat": [KNOWLEDGE_ON, "model.knowledge.conv=gat"],
     "gcn": [KNOWLEDGE_ON, "model.knowledge.conv=gcn"],
+    # candidates scored also against their own RGAT neighbourhood, not only their free completion rows
+    "graph-candidates": [KNOWLEDGE_ON, "model.knowledge.candidates=graph"],
     # the number of retrieved triples N (MR-MKG: accuracy falls beyond 20-30); seeds n <= N
     **{f"triples-{n}": [KNOWLEDGE_ON, f"model.knowledge.max_triples={n}", f"model.knowledge.seed_triples={min(5, n)}"]
        for n in (5, 10, 20, 40)},
