@@ -301,3 +301,25 @@ def test_every_ablation_overrides_known_params_with_valid_values():
             assert leaf in node, f"{name}: {key} is not in params.yaml"
             node[leaf] = yaml.safe_load(value)
         validate(from_dict(raw), num_layers=layers)
+
+
+def test_sweep_against_one_value_pairs_each_point_by_seed():
+    """--against: every sweep point's bootstrap difference to one point, over the seeds both ran."""
+    from elmm.experiments import bootstrap_interval
+
+    show = json.loads(json.dumps(SHOW))  # main (k 4, seed 0), k0, k8 (seed 0)
+    show[1]["experiments"] += [{"revs": [_rev("k0-s1", 0, 0.4, seed=1)]}, {"revs": [_rev("k8-s2", 8, 0.1, seed=2)]}]
+    tables = {"main-rev": _rank_table([1, 2, 4]), "k0-rev": _rank_table([1, 1, 2]), "k8-rev": _rank_table([4, 4, 4]),
+              "k0-s1-rev": _rank_table([3, 1], target_shift=5), "k8-s2-rev": _rank_table([9, 9])}
+    points = {p["k"]: p for p in sweep_rows(load_experiments(json.dumps(show)), "prune.k", against=0,
+                                            read=lambda row: tables[row["rev"]], resamples=200)}
+    assert points[0]["delta_mrr"] == 0.0 and points[0]["paired_seeds"] == "0 1"
+    # k4 - k0 at seed 0 only: RR [1, .5, .25] - [1, 1, .5]
+    mean, low, high = bootstrap_interval([np.array([0.0, -0.5, -0.25])], 200)
+    assert (points[4]["delta_mrr"], points[4]["delta_mrr_low"], points[4]["delta_mrr_high"]) == (
+        round(mean, 6), round(low, 6), round(high, 6))
+    assert points[4]["delta_hits_at_1"] == pytest.approx(-1 / 3) and points[4]["paired_seeds"] == "0"
+    # k8 at seeds 0 and 2; k0 at 0 and 1: paired over seed 0 only
+    assert points[8]["paired_seeds"] == "0" and points[8]["delta_mrr"] == pytest.approx((0.25 - 1 + 0.25 - 1 + 0.25 - 0.5) / 3)
+    with pytest.raises(SystemExit, match="no sweep point has prune.k = 3"):
+        sweep_rows(load_experiments(json.dumps(show)), "prune.k", against=3, read=lambda row: tables[row["rev"]])

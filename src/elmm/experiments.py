@@ -348,23 +348,39 @@ def seed_table(rows: list[dict], relations: bool = True, side: str = "both", bas
     return _markdown(["experiment", "changed params", "seeds"] + cols, body)
 
 
-def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed") -> list[dict]:
+def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed", against=None,
+               read: RankReader | None = None, resamples: int = 10_000, rng_seed: int = 0) -> list[dict]:
     """One row per distinct value of `param`, sorted by that value, from the baseline and the
     experiments that change nothing but `param` and the seed (an ablation at the same value is not
     a sweep point). Replicates over seeds are averaged; `seeds` counts them and `<metric>_sd` is
-    their sample standard deviation (0 for one seed)."""
+    their sample standard deviation (0 for one seed).
+
+    With `against` (one of the param's values), every point also holds its paired difference to
+    that point (`paired_comparison`, over the seeds both ran): `delta_mrr`, `delta_mrr_low`,
+    `delta_mrr_high`, the same for `hits_at_1`, and `paired_seeds`.
+    """
     changed = _changed_params(rows)
     by_value: dict[object, list[dict]] = {}
     for r in rows:
         value = _get(r["params"], param)
         if value is not None and set(changed[r["name"]]) <= {param, seed_key}:
-            by_value.setdefault(value, []).append(r["metrics"])
+            by_value.setdefault(value, []).append(r)
+    if against is not None and against not in by_value:
+        raise SystemExit(f"--against {against!r}: no sweep point has {param} = {against!r} "
+                         f"(points: {', '.join(map(str, sorted(by_value)))})")
     points = []
     for value in sorted(by_value):
-        point = {param.split(".")[-1]: value, "seeds": len(by_value[value])}
+        members = by_value[value]
+        point = {param.split(".")[-1]: value, "seeds": len(members)}
         for k in METRICS:
-            mean, sd = _mean_sd([m[k] for m in by_value[value]])
+            mean, sd = _mean_sd([m["metrics"][k] for m in members])
             point[k], point[f"{k}_sd"] = round(mean, 6), round(sd, 6)
+        if against is not None:
+            paired = paired_comparison(members, by_value[against], read or git_rank_reader, resamples, rng_seed)
+            point["paired_seeds"] = " ".join(map(str, paired["seeds"])) if paired else ""
+            for k in ("mrr", "hits_at_1"):
+                for suffix, x in zip(("", "_low", "_high"), paired[k] if paired else (None,) * 3):
+                    point[f"delta_{k}{suffix}"] = None if x is None else round(x, 6)
         points.append(point)
     return points
 
@@ -473,6 +489,9 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("sweep", help="CSV of the metrics against one param")
     s.add_argument("--param", default="prune.k")
     s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
+    s.add_argument("--against", metavar="VALUE", help="the paired difference of every point to the point at "
+                   "this value of --param (e.g. 0 for prune.k), with a 95%% bootstrap interval over test queries")
+    s.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     for p in (t, s):
         p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
         p.add_argument("--rev", action="append",
@@ -513,7 +532,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(markdown_table(rows, relations=not args.no_relations, side=args.side))
     else:
-        points = sweep_rows(rows, args.param)
+        import yaml
+
+        against = yaml.safe_load(args.against) if args.against is not None else None  # typed as DVC parses params
+        points = sweep_rows(rows, args.param, against=against, resamples=args.resamples)
         if not points:
             sys.exit(f"no experiment sets {args.param}")
         write_csv_rows(Path(args.out), points)
