@@ -83,3 +83,21 @@ def test_control_table_relative_drop_per_group():
 def test_report_renders_both_tables():
     text = report(ROWS, read=read)
     assert "| overall | both | 8 |" in text and "Positive control" in text and "| structure | [0] |" in text
+
+
+def test_floor_table_has_each_side_overall():
+    rows = {(r["relation"], r["side"]): r for r in floor_table(group_of(ROWS, {}), RELATIONS, read)}
+    head = rows[("overall", "head")]  # head ranks: d0 model [2, 4], kge [4, 2]; d1 model [1, 2], kge [2, 1]
+    assert head["n"] == 4 and head["model"] == pytest.approx((1 / 2 + 1 / 4 + 1 + 1 / 2) / 4)
+    assert head["kge"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2 + 1) / 4) and head["vs_kge"] == pytest.approx(0.0)
+    assert rows[("overall", "tail")]["model"] == pytest.approx((1 + 1 + 1 + 1 / 2) / 4)
+
+
+def test_report_of_another_group():
+    def read_c0(row, kind):  # c0 ran at seed 0: d0's world, so d0's KGE
+        return TABLES[("d0", kind)] if (row["name"], kind) == ("c0", "kge") else read(row, kind)
+
+    text = report(ROWS, read=read_c0, group="c0")
+    assert text.startswith("c0, seeds [0]:") and "| overall | both | 4 |" in text
+    with pytest.raises(SystemExit, match="no experiment group named 'nope'"):
+        report(ROWS, read=read, group="nope")

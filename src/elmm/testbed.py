@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, load_experiments
+from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, load_experiments, seed_groups
 from .kg.synthetic import RELATIONS
 from .rank_table import DIRECTIONS
 
@@ -62,7 +62,8 @@ def floor_table(defaults: list[dict], relation_names: list[str], read: Reader) -
     the paired differences to the prior and the KGE in SE, and the largest excess over the ceiling."""
     tables = [{k: read(r, k) for k in ("model", "prior", "kge")} for r in defaults]
     out = []
-    keys = [(None, None)] + [(i, side) for i in range(len(relation_names)) for side in DIRECTIONS]
+    keys = [(None, None)] + [(None, side) for side in DIRECTIONS] + [
+        (i, side) for i in range(len(relation_names)) for side in DIRECTIONS]
     for rel, side in keys:
         row = {"relation": "overall" if rel is None else relation_names[rel], "side": side or "both"}
         rr = {k: [] for k in ("model", "prior", "kge")}
@@ -90,8 +91,11 @@ def floor_table(defaults: list[dict], relation_names: list[str], read: Reader) -
         for r in defaults:
             m = r["metrics"]
             c = (r.get("baselines") or {}).get("ceiling") or {}
-            cblock = c if rel is None else (c.get("per_relation", {}).get(relation_names[rel], {}).get(side))
-            mblock = m if rel is None else m.get("per_relation", {}).get(relation_names[rel], {}).get(side)
+            if rel is None:  # overall, or overall on one side
+                cblock, mblock = (c, m) if side is None else (c.get(side), m.get(side))
+            else:
+                cblock = c.get("per_relation", {}).get(relation_names[rel], {}).get(side)
+                mblock = m.get("per_relation", {}).get(relation_names[rel], {}).get(side)
             if cblock and mblock and cblock.get("mrr") is not None:
                 ceilings.append(cblock["mrr"])
                 se = math.sqrt((mblock.get("mrr_se") or 0) ** 2 + (cblock.get("mrr_se") or 0) ** 2)
@@ -137,17 +141,24 @@ def _f(x, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:+.1f}" if digits == 1 else f"{x:.{digits}f}")
 
 
-def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = None) -> str:
-    """Markdown: the floor/KGE/ceiling table of the default, then the positive control."""
+def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = None, group: str | None = None) -> str:
+    """Markdown: the floor/KGE/ceiling table of the default (or of the experiment group `group`, as
+    `experiments table --by-seed` names it), then the positive control against the default."""
     defaults = group_of(rows, {})
     if not defaults:
         raise SystemExit("no experiment of the default params (run `python -m elmm.experiments queue --only full`)")
-    relation_names = list(defaults[0]["metrics"].get("per_relation", {}))
-    seeds = [d["params"].get("seed") for d in defaults]
-    lines = [f"Default, seeds {seeds}: MRR per relation and side (mean over seeds), paired differences in SE",
+    subject, title = defaults, "Default"
+    if group is not None:
+        found = [members for name, _, members in seed_groups(rows) if name == group]
+        if not found:
+            raise SystemExit(f"no experiment group named {group!r}; groups: {', '.join(n for n, _, _ in seed_groups(rows))}")
+        subject, title = found[0], group
+    relation_names = list(subject[0]["metrics"].get("per_relation", {}))
+    seeds = [d["params"].get("seed") for d in subject]
+    lines = [f"{title}, seeds {seeds}: MRR per relation and side (mean over seeds), paired differences in SE",
              "(positive = the model is better), and the largest excess over the Bayes ceiling in SE.", ""]
     body = []
-    for r in floor_table(defaults, relation_names, read):
+    for r in floor_table(subject, relation_names, read):
         body.append([r["relation"], r["side"], str(r["n"]), _fmt("mrr", r["model"]), _fmt("mrr", r["prior"]),
                      _f(r["z_prior"], 1), _fmt("mrr", r["kge"]), _f(r["z_kge"], 1), _fmt("mrr", r["ceiling"]),
                      _f(r["ceiling_excess_se"], 1)])
@@ -182,10 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("report", help="the acceptance tables, markdown")
     r.add_argument("--control-k", type=int, help="prune.k of the positive control (default: the largest run)")
     r.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit")
-    r.add_argument("--rev", help="experiments derived from this commit instead of HEAD")
+    r.add_argument("--rev", action="append", help="experiments derived from this commit instead of HEAD; repeat it "
+                   "for several commits (a run whose params repeat an earlier one's is counted once)")
+    r.add_argument("--group", help="report this experiment group (as `experiments table --by-seed` names it, e.g. "
+                   "triples-10) against the floor, the KGE and the ceiling, instead of the default")
     args = ap.parse_args(argv)
     rows = attach_baselines(load_experiments(all_commits=args.all_commits, rev=args.rev))
-    print(report(rows, control_k=args.control_k))
+    print(report(rows, control_k=args.control_k, group=args.group))
 
 
 if __name__ == "__main__":
