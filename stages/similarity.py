@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     control_seed = derive_seed(p.seed, RANDOM_INIT)
     control_ws = dataclasses.replace(ws, backbone=random_init_copy(ws.backbone, control_seed))
     del ws
-    control = measure(build_model(control_ws, seed=p.seed, head="completion").to(device()), batches)
+    control = measure(build_model(control_ws, seed=p.seed, head="completion", knowledge=False).to(device()), batches)
     trained, control = ({k: [round(v, 6) for v in vals] for k, vals in c.items()} for c in (trained, control))
 
     result = {"layers": len(ranking), "samples": sum(len(b["text"].ids) for b in batches),

@@ -210,3 +210,25 @@ def test_bad_param_fails_naming_the_key(repo):
         assert "error: params.yaml: prune.k: 9 is larger than the backbone's 4 decoder layers" in proc.stderr
     finally:
         params_file.write_text(original)
+
+
+@pytest.mark.integration
+def test_similarity_and_calibrate_ignore_the_knowledge_path(repo):
+    """dvc.yaml gives `similarity` and `calibrate` no model.knowledge params: with the path on they
+    must measure and fit exactly what they do with it off (both build the model without it, the
+    random-init control included). Run directly, so DVC's run cache cannot stand in for them."""
+    path, env, *_ = repo
+    params_file = path / "params.yaml"
+    original = params_file.read_text()
+    outs = ["data/pruning/similarity.json", "metrics/similarity.json", "metrics/calibrate.json"]
+    before = {o: (path / o).read_bytes() for o in outs}
+    try:
+        params = yaml.safe_load(original)
+        params["model"]["knowledge"]["enabled"] = True
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        for stage in ("similarity", "calibrate"):
+            run([sys.executable, f"stages/{stage}.py"], path, env)
+    finally:
+        params_file.write_text(original)
+    for o in outs:
+        assert (path / o).read_bytes() == before[o], o
