@@ -14,7 +14,7 @@ run on the positions ELMM reads only (elmm.pruning.layers.hidden_at). `--similar
 ranking the `similarity` stage wrote (the K most similar layers, as `calibrate` prunes them);
 without it the top K layers are pruned.
 
-Prints one JSON object: ms per query at batch 1 and at --batch, queries/s, training triples/s and
+Prints one JSON object (medians over --rounds): ms per query at batch 1 and at --batch, queries/s, training triples/s and
 peak memory per configuration (on CPU each configuration runs in its own process, so its peak RSS is
 its own; `rss_model_mb` is the resident size once the model is built), and the ratios pruned vs
 unpruned and compressed vs all tokens. Needs only torch, transformers, peft and tokenizers (no dvc,
@@ -188,17 +188,21 @@ def measure(args) -> dict:
         raise SystemExit(f"--k: each K must lie in 1..{num_layers}, got {ks}")
     order = pruning_order(args, num_layers)
     configs = [("all_tokens", []), ("mvtc", [])] + [(f"mvtc_k{k}", order[:k]) for k in ks]
-    results = {}
-    if device.type == "cpu":
-        # One process per configuration: the peak RSS a process reports is then that configuration's.
-        ctx = multiprocessing.get_context("spawn")
-        for name, layers in configs:
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                results[name] = pool.submit(measure_config, args, name, layers).result()
-    else:
-        for name, layers in configs:
-            results[name] = measure_config(args, name, layers)
-            torch.cuda.empty_cache()
+    runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    for _ in range(args.rounds):  # every configuration once per round: slow drifts hit all alike
+        if device.type == "cpu":
+            # One process per configuration: the peak RSS a process reports is then that configuration's.
+            ctx = multiprocessing.get_context("spawn")
+            for name, layers in configs:
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                    runs[name].append(pool.submit(measure_config, args, name, layers).result())
+        else:
+            for name, layers in configs:
+                runs[name].append(measure_config(args, name, layers))
+                torch.cuda.empty_cache()
+    # the median over rounds of each figure (processes differ by up to ~1.5x on a shared 2-core machine)
+    results = {name: {k: (round(statistics.median(r[k] for r in rows), 4) if isinstance(rows[0][k], float) else rows[0][k])
+                      for k in rows[0]} for name, rows in runs.items()}
     big = f"b{args.batch}"
 
     def ratio(a: str, b: str, key: str) -> float:
@@ -218,7 +222,7 @@ def measure(args) -> dict:
         "device": (torch.cuda.get_device_name() if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "dtype": str(dtype).removeprefix("torch."),
-        "batch": args.batch, "train_batch": args.train_batch, "text_tokens": args.text_tokens,
+        "batch": args.batch, "train_batch": args.train_batch, "text_tokens": args.text_tokens, "rounds": args.rounds,
         "pruning_order": order,
         "results": results,
         "ratios": ratios,
@@ -234,6 +238,8 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--k", type=int, nargs="+", help="pruned attention sub-blocks, one configuration each (default: L/2)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every configuration this many times, "
+                    "alternating, and report the medians")
     ap.add_argument("--similarity", help="a similarity stage's output (metrics/similarity.json): prune its ranking's "
                     "first K layers (default: the top K)")
     print(json.dumps(measure(ap.parse_args()), indent=2))
