@@ -323,3 +323,14 @@ def test_sweep_against_one_value_pairs_each_point_by_seed():
     assert points[8]["paired_seeds"] == "0" and points[8]["delta_mrr"] == pytest.approx((0.25 - 1 + 0.25 - 1 + 0.25 - 0.5) / 3)
     with pytest.raises(SystemExit, match="no sweep point has prune.k = 3"):
         sweep_rows(load_experiments(json.dumps(show)), "prune.k", against=3, read=lambda row: tables[row["rev"]])
+
+
+def test_only_seeds_keeps_the_runs_of_those_seeds():
+    from elmm.experiments import only_seeds
+
+    show = json.loads(json.dumps(SHOW))
+    show[1]["experiments"] += [{"revs": [_rev("k0-s1", 0, 0.4, seed=1)]}, {"revs": [_rev("main-s1", 4, 0.3, seed=1)]}]
+    rows = load_experiments(json.dumps(show))
+    assert [r["name"] for r in only_seeds(rows, [1])] == ["k0-s1", "main-s1"]
+    points = {p["k"]: p for p in sweep_rows(only_seeds(rows, [0]), "prune.k")}
+    assert points[0]["seeds"] == 1 and points[0]["mrr"] == 0.6 and points[4]["mrr"] == 0.5

@@ -385,6 +385,12 @@ def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed", against=Non
     return points
 
 
+def only_seeds(rows: list[dict], seeds: Sequence[int], seed_key: str = "seed") -> list[dict]:
+    """The rows run with one of `seeds`. The first row stays first when kept: it is the baseline
+    every row's changed params are read against."""
+    return [r for r in rows if _get(r["params"], seed_key) in set(seeds)]
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -494,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     for p in (t, s):
         p.add_argument("-A", "--all-commits", action="store_true", help="include experiments of all commits")
+        p.add_argument("--seeds", type=int, nargs="+", help="only the runs with these values of `seed` (e.g. to "
+                       "plot a sweep run at one seed without mixing in the baseline's other seeds)")
         p.add_argument("--rev", action="append",
                        help="experiments derived from this commit instead of HEAD; repeat it for several "
                             "commits (a run whose params repeat an earlier one's is counted once)")
@@ -521,8 +529,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = load_experiments(all_commits=args.all_commits, rev=args.rev,
                             say=lambda m: print(m, file=sys.stderr))
+    if args.seeds:
+        rows = only_seeds(rows, args.seeds)
     if not rows:
-        sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)")
+        sys.exit("no experiments with metrics/evaluate.json found (run `dvc exp run` first)"
+                 + (f" with seed in {args.seeds}" if args.seeds else ""))
     if args.command == "table":
         if args.baseline and not args.by_seed:
             sys.exit("--baseline needs --by-seed (the comparison pairs experiments by seed)")
