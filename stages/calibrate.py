@@ -6,7 +6,7 @@ import sys
 from _common import check_layers, device, params, parse_args, setup
 from elmm.batches import calibration_batches, forward_batch
 from elmm.io import read_json, write_csv_rows, write_json
-from elmm.model_io import build_model
+from elmm.model_io import build_analysis_model
 from elmm.pruning.artifact import PRUNING_FILE, save_pruning
 from elmm.pruning.layers import calibrate_bottom_up
 from elmm.workspace import open_workspace
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     check_layers(p, ws.backbone.num_layers)
     ranking = read_json("data/pruning/similarity.json")["ranking"]
     selected = sorted(ranking[: p.prune.k])
-    model = build_model(ws, seed=p.seed, head="completion", knowledge=False).to(device())
+    model = build_analysis_model(ws, p.seed).to(device())
     batches = calibration_batches(ws, model, p.prune.samples, p.prune.batch_size, p.seed)
     n_held = int(round(len(batches) * p.prune.heldout)) if len(batches) > 1 else 0
     fit, held = batches[: len(batches) - n_held], batches[len(batches) - n_held:]

@@ -20,7 +20,7 @@ from _common import check_layers, device, params, parse_args, setup
 from elmm.backbone import random_init_copy
 from elmm.batches import calibration_batches, forward_batch
 from elmm.io import write_csv_rows, write_json
-from elmm.model_io import build_model
+from elmm.model_io import build_analysis_model
 from elmm.pruning.layers import SIMILARITY_READINGS, measure_similarity, rank_layers
 from elmm.seeds import RANDOM_INIT, derive_seed
 from elmm.workspace import open_workspace
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     setup(p.seed)
     ws = open_workspace(p)
     check_layers(p, ws.backbone.num_layers)
-    model = build_model(ws, seed=p.seed, head="completion", knowledge=False).to(device())
+    model = build_analysis_model(ws, p.seed).to(device())
     batches = calibration_batches(ws, model, p.prune.samples, p.prune.batch_size, p.seed)
     trained = measure(model, batches)
     ranking = rank_layers(trained[p.prune.similarity])
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     control_seed = derive_seed(p.seed, RANDOM_INIT)
     control_ws = dataclasses.replace(ws, backbone=random_init_copy(ws.backbone, control_seed))
     del ws
-    control = measure(build_model(control_ws, seed=p.seed, head="completion", knowledge=False).to(device()), batches)
+    control = measure(build_analysis_model(control_ws, p.seed).to(device()), batches)
     trained, control = ({k: [round(v, 6) for v in vals] for k, vals in c.items()} for c in (trained, control))
 
     result = {"layers": len(ranking), "samples": sum(len(b["text"].ids) for b in batches),

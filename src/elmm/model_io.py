@@ -55,6 +55,13 @@ def build_model(ws: Workspace, pruning_path=None, seed: int | None = None, head:
     return with_knowledge(ws, ELMM(ws.backbone, config))
 
 
+def build_analysis_model(ws: Workspace, seed: int) -> ELMM:
+    """The model the pruning stages (`similarity`, `calibrate`) run their calibration queries
+    through: completion head, no knowledge path, whatever model.head and model.knowledge say, so
+    those stages depend on neither (dvc.yaml gives them no such params)."""
+    return build_model(ws, seed=seed, head="completion", knowledge=False)
+
+
 def with_knowledge(ws: Workspace, model: ELMM) -> ELMM:
     """Attach the workspace's knowledge source (built for the model's settings) to `model`'s
     knowledge path, if it has one; `make_batch` then adds the subgraphs to every batch."""
