@@ -55,8 +55,7 @@ def tiny_backbone(device, dtype):
     texts = ["entity: relation: inverse of , ?", "a painter known in the northern region"] * 20
     build_tiny_backbone(tmp, TinyBackboneParams(), texts, seed=0)
     b = load_backbone(tmp, dtype=dtype, device=device)
-    return b, dict(patches=16, images=10, heads_per_view=MVTCParams().heads, k=b.num_layers // 2, entities=334,
-                   layers=b.num_layers)
+    return b, dict(patches=16, images=10, heads_per_view=MVTCParams().heads, entities=334, layers=b.num_layers)
 
 
 def scale_backbone(name: str, device, dtype):
@@ -183,7 +182,7 @@ def measure(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     num_layers = SCALES[args.scale]["layers"] if args.scale else TinyBackboneParams().layers
-    ks = args.k if args.k is not None else [num_layers // 2]
+    ks = args.k if args.k is not None else [SCALES[args.scale]["k"] if args.scale else num_layers // 2]
     if any(not 0 < k <= num_layers for k in ks):
         raise SystemExit(f"--k: each K must lie in 1..{num_layers}, got {ks}")
     order = pruning_order(args, num_layers)

@@ -223,6 +223,14 @@ def seed_groups(rows: list[dict], seed_key: str = "seed") -> list[tuple[str, str
     return [(name, key, members) for key, (name, members) in groups.items()]
 
 
+def group_members(groups: list[tuple[str, str, list[dict]]], name: str) -> list[dict]:
+    """The members of the `seed_groups` group called `name`; a clear error naming the others."""
+    for group, _, members in groups:
+        if group == name:
+            return members
+    raise SystemExit(f"no experiment group named {name!r}; groups: {', '.join(n for n, _, _ in groups)}")
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -316,10 +324,7 @@ def seed_table(rows: list[dict], relations: bool = True, side: str = "both", bas
     groups = seed_groups(rows)
     base_members = None
     if baseline is not None:
-        found = [members for name, _, members in groups if name == baseline]
-        if not found:
-            raise SystemExit(f"no experiment group named {baseline!r}; groups: {', '.join(n for n, _, _ in groups)}")
-        base_members = found[0]
+        base_members = group_members(groups, baseline)
         cols = [c for k in cols for c in ([k, f"Δ{k} vs {baseline} (95% CI)"] if k in ("mrr", "hits_at_1") else [k])]
     body = []
     for name, key, members in groups:

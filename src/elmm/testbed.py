@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, load_experiments, seed_groups
+from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, group_members, load_experiments, seed_groups
 from .kg.synthetic import RELATIONS
 from .rank_table import DIRECTIONS
 
@@ -149,10 +149,7 @@ def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = 
         raise SystemExit("no experiment of the default params (run `python -m elmm.experiments queue --only full`)")
     subject, title = defaults, "Default"
     if group is not None:
-        found = [members for name, _, members in seed_groups(rows) if name == group]
-        if not found:
-            raise SystemExit(f"no experiment group named {group!r}; groups: {', '.join(n for n, _, _ in seed_groups(rows))}")
-        subject, title = found[0], group
+        subject, title = group_members(seed_groups(rows), group), group
     relation_names = list(subject[0]["metrics"].get("per_relation", {}))
     seeds = [d["params"].get("seed") for d in subject]
     lines = [f"{title}, seeds {seeds}: MRR per relation and side (mean over seeds), paired differences in SE",
