@@ -267,7 +267,7 @@ def test_knowledge_ablations_enable_the_path_themselves():
     from elmm.experiments import ABLATIONS
 
     assert ABLATIONS["no-knowledge"] == ["model.knowledge.enabled=false"]
-    variants = ["no-alignment", "gat", "gcn"] + [f"triples-{n}" for n in (5, 10, 20, 40)]
+    variants = ["no-alignment", "gat", "gcn", "graph-candidates", "keep-reverse"] + [f"triples-{n}" for n in (5, 10, 20, 40)]
     for name in variants:
         assert ABLATIONS[name][0] == "model.knowledge.enabled=true", name
     assert "model.knowledge.align_lambda=0" in ABLATIONS["no-alignment"]

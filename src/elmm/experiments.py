@@ -79,6 +79,8 @@ ABLATIONS = {
     "gcn": [KNOWLEDGE_ON, "model.knowledge.conv=gcn"],
     # candidates scored also against their own RGAT neighbourhood, not only their free completion rows
     "graph-candidates": [KNOWLEDGE_ON, "model.knowledge.candidates=graph"],
+    # training subgraphs keep the query edge's reverse (t, r, h): the leak choice issue 15 asks to measure
+    "keep-reverse": [KNOWLEDGE_ON, "model.knowledge.reverse_edge=keep"],
     # the number of retrieved triples N (MR-MKG: accuracy falls beyond 20-30); seeds n <= N
     **{f"triples-{n}": [KNOWLEDGE_ON, f"model.knowledge.max_triples={n}", f"model.knowledge.seed_triples={min(5, n)}"]
        for n in (5, 10, 20, 40)},
