@@ -134,6 +134,17 @@ class MVTCView(nn.Module):
 
     def forward(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Query [B, D], tokens [B, T, D], mask [B, T] -> [B, H, D]; masked tokens get zero weight."""
+        pooled = torch.einsum("bht,btd->bhd", self.weights(query, tokens, mask), tokens)
+        # Applying W_i^V after pooling is the same product, and costs H*D*D instead of T*H*D*D.
+        if self.value == "per_head":
+            return torch.einsum("bhd,hde->bhe", pooled, self.v)
+        if self.value == "shared":
+            return pooled @ self.v
+        low = torch.einsum("bhd,hdr->bhr", pooled, self.value_u)
+        return pooled + torch.einsum("bhr,her->bhe", low, self.value_v)
+
+    def weights(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, H, T] each head's attention over the tokens (rows sum to 1; all-masked rows are 0)."""
         b, t, dim = tokens.shape
         q = self.q(self.query_norm(query)).view(b, self.heads, self.head_dim)
         # q_i . (LN(I) W_i^K)^T = LN(I) . (W_i^K^T q_i): folding q into the key map leaves the same
@@ -144,15 +155,7 @@ class MVTCView(nn.Module):
         normed = F.layer_norm(tokens, (dim,), eps=self.token_norm.eps)
         logits = torch.bmm(probe, normed.transpose(1, 2)) / math.sqrt(self.head_dim)  # [B, H, T]
         logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-masked row -> zeros
-        pooled = torch.einsum("bht,btd->bhd", weights, tokens)
-        # Applying W_i^V after pooling is the same product, and costs H*D*D instead of T*H*D*D.
-        if self.value == "per_head":
-            return torch.einsum("bhd,hde->bhe", pooled, self.v)
-        if self.value == "shared":
-            return pooled @ self.v
-        low = torch.einsum("bhd,hdr->bhr", pooled, self.value_u)
-        return pooled + torch.einsum("bhr,her->bhe", low, self.value_v)
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # an all-masked row -> zeros
 
 
 class CompletionLayer(nn.Module):
