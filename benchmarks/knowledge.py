@@ -11,6 +11,10 @@ queries (64 triples, both directions) it measures:
 - train_step_seconds: forward + backward + AdamW of the tiny default backbone (LoRA r=8, MVTC,
   completion layer) on the prepared batch, without the path, with it (candidates free) and with
   candidates=graph (median of 2 after one warm-up, which also computes the node features);
+- train_queries_per_second / train_triples_per_second: the same step as throughput (a triple is two
+  queries);
+- eval_ms_per_query: an evaluation batch of the same queries (its subgraphs, built without the
+  target, and every entity's score), per query, next to the same without the path;
 - candidate_table_seconds: the all-entity table h_e used by candidates=graph at evaluation.
 
     python benchmarks/knowledge.py            # under 2 minutes on one CPU core
@@ -116,13 +120,20 @@ def step_time(backbone_dir: str, entities: int, knowledge: KnowledgeParams | Non
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    row = {"train_step_seconds": round(median_time(step, repeats), 4)}
-    if model.knowledge is not None and model.knowledge.candidate is not None:
-        model.eval()
-        with torch.no_grad():
+    seconds = median_time(step, repeats)
+    row = {"train_step_seconds": round(seconds, 4), "train_queries_per_second": round(len(q) / seconds, 1),
+           "train_triples_per_second": round(len(q) / 2 / seconds, 1)}
+    model.eval()
+    with torch.no_grad():
+        if model.knowledge is not None and model.knowledge.candidate is not None:
             t0 = time.perf_counter()
             model.knowledge.entity_table(backbone)
             row["candidate_table_seconds"] = round(time.perf_counter() - t0, 4)
+
+        def evaluate():  # an evaluation batch: its subgraphs (never the target) and all entities' scores
+            model(*x, knowledge=src.batch(q, train=False) if model.knowledge is not None else None)
+
+        row["eval_ms_per_query"] = round(1000 * median_time(evaluate, max(repeats, 3)) / len(q), 3)
     return row
 
 
@@ -158,6 +169,9 @@ def measure(args) -> dict:
         row["retrieval_vs_step"] = round(row["retrieval"]["seconds"] / base, 4)
         row["step_ratio_knowledge_free"] = round(steps["knowledge_free"]["train_step_seconds"] / base, 3)
         row["step_ratio_knowledge_graph"] = round(steps["knowledge_graph"]["train_step_seconds"] / base, 3)
+        plain = steps["no_knowledge"]["eval_ms_per_query"]
+        row["eval_ratio_knowledge_free"] = round(steps["knowledge_free"]["eval_ms_per_query"] / plain, 3)
+        row["eval_ratio_knowledge_graph"] = round(steps["knowledge_graph"]["eval_ms_per_query"] / plain, 3)
         results[str(entities)] = row
     return {"benchmark": "knowledge", "device": f"cpu ({platform.processor() or platform.machine()}, "
                                                  f"{torch.get_num_threads()} threads)",
