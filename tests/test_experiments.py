@@ -248,6 +248,33 @@ def test_seed_table_with_baseline_prints_the_paired_difference():
         seed_table(rows, baseline="nope", read=read)
 
 
+def test_comparison_rows_are_the_seed_table_as_csv_rows(tmp_path):
+    """Table --out: the same groups, means and paired intervals as the markdown, one CSV row each."""
+    from elmm.experiments import comparison_rows
+    from elmm.io import write_csv_rows
+
+    show = json.loads(json.dumps(SHOW))
+    show[1]["experiments"] = [{"revs": [_rev("k0", 0, 0.6)]}, {"revs": [_rev("k0-s1", 0, 0.7, seed=1)]},
+                              {"revs": [_rev("full-s1", 4, 0.4, seed=1)]}]
+    rows = load_experiments(json.dumps(show))
+    tables = {"main-rev": _rank_table([1, 2, 4]), "full-s1-rev": _rank_table([2, 1], target_shift=5),
+              "k0-rev": _rank_table([1, 1, 2]), "k0-s1-rev": _rank_table([1, 3], target_shift=5)}
+    read = lambda row: tables[row["rev"]]  # noqa: E731
+    points = {p["experiment"]: p for p in comparison_rows(rows, "main", read=read, resamples=200)}
+    table = seed_table(rows, relations=False, baseline="main", read=read, resamples=200)
+    by_name = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    k0 = points["k0"]
+    assert by_name["k0"][4] == "{:+.4f} [{:+.4f}, {:+.4f}]".format(k0["delta_mrr"], k0["delta_mrr_low"],
+                                                                    k0["delta_mrr_high"])
+    assert k0["seeds"] == 2 and k0["paired_seeds"] == "0 1" and k0["changed"] == "prune.k=0"
+    assert k0["mrr"] == pytest.approx((0.6 + 0.7) / 2)
+    base = points["main"]  # paired with itself: every difference 0
+    assert base["changed"] == "(baseline)" and base["delta_hits_at_1"] == 0.0 and base["delta_mrr_high"] == 0.0
+    write_csv_rows(tmp_path / "a.csv", list(points.values()))
+    header = (tmp_path / "a.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["experiment", "changed", "seeds"] and "delta_hits_at_1_low" in header
+
+
 def test_rank_table_round_trip(tmp_path):
     from elmm.rank_table import COLUMNS, read_rank_table, write_rank_table
 

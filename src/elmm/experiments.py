@@ -375,21 +375,36 @@ def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed", against=Non
     if against is not None and against not in by_value:
         raise SystemExit(f"--against {against!r}: no sweep point has {param} = {against!r} "
                          f"(points: {', '.join(map(str, sorted(by_value)))})")
-    points = []
-    for value in sorted(by_value):
-        members = by_value[value]
-        point = {param.split(".")[-1]: value, "seeds": len(members)}
-        for k in METRICS:
-            mean, sd = _mean_sd([m["metrics"][k] for m in members])
-            point[k], point[f"{k}_sd"] = round(mean, 6), round(sd, 6)
-        if against is not None:
-            paired = paired_comparison(members, by_value[against], read or git_rank_reader, resamples, rng_seed)
-            point["paired_seeds"] = " ".join(map(str, paired["seeds"])) if paired else ""
-            for k in ("mrr", "hits_at_1"):
-                for suffix, x in zip(("", "_low", "_high"), paired[k] if paired else (None,) * 3):
-                    point[f"delta_{k}{suffix}"] = None if x is None else round(x, 6)
-        points.append(point)
-    return points
+    reference = by_value[against] if against is not None else None
+    return [{param.split(".")[-1]: value} | summarize(by_value[value], reference, read, resamples, rng_seed)
+            for value in sorted(by_value)]
+
+
+def summarize(members: list[dict], reference: list[dict] | None = None, read: RankReader | None = None,
+              resamples: int = 10_000, rng_seed: int = 0) -> dict:
+    """A group's CSV row: `seeds` (how many runs), each metric's mean and `<metric>_sd` over them, and
+    with `reference` (another group) the paired differences to it as `sweep_rows` describes."""
+    point = {"seeds": len(members)}
+    for k in METRICS:
+        mean, sd = _mean_sd([m["metrics"][k] for m in members])
+        point[k], point[f"{k}_sd"] = round(mean, 6), round(sd, 6)
+    if reference is not None:
+        paired = paired_comparison(members, reference, read or git_rank_reader, resamples, rng_seed)
+        point["paired_seeds"] = " ".join(map(str, paired["seeds"])) if paired else ""
+        for k in ("mrr", "hits_at_1"):
+            for suffix, x in zip(("", "_low", "_high"), paired[k] if paired else (None,) * 3):
+                point[f"delta_{k}{suffix}"] = None if x is None else round(x, 6)
+    return point
+
+
+def comparison_rows(rows: list[dict], baseline: str, read: RankReader | None = None, resamples: int = 10_000,
+                    rng_seed: int = 0) -> list[dict]:
+    """`seed_table --baseline` as CSV rows for `dvc plots`: one per group (`experiment`, its
+    `changed` params), with `summarize`'s columns against the baseline group (which gets 0s)."""
+    groups = seed_groups(rows)
+    base = group_members(groups, baseline)
+    return [{"experiment": name, "changed": (key or "(baseline)").replace(",", ";")}
+            | summarize(members, base, read, resamples, rng_seed) for name, key, members in groups]
 
 
 def only_seeds(rows: list[dict], seeds: Sequence[int], seed_key: str = "seed") -> list[dict]:
@@ -499,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--baseline", metavar="NAME", help="with --by-seed: the paired difference of every group to "
                                                       "group NAME, with a 95%% bootstrap interval over test queries")
     t.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    t.add_argument("--out", metavar="CSV", help="with --baseline: also write each group's means and paired "
+                                                "differences to this CSV (a DVC plot, e.g. metrics/plots/ablations.csv)")
     s = sub.add_parser("sweep", help="CSV of the metrics against one param")
     s.add_argument("--param", default="prune.k")
     s.add_argument("--out", default="metrics/plots/prune_sweep.csv")
@@ -544,9 +561,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "table":
         if args.baseline and not args.by_seed:
             sys.exit("--baseline needs --by-seed (the comparison pairs experiments by seed)")
+        if args.out and not args.baseline:
+            sys.exit("--out needs --baseline (it writes the paired differences)")
         if args.by_seed:
             print(seed_table(rows, relations=not args.no_relations, side=args.side, baseline=args.baseline,
                              resamples=args.resamples))
+            if args.out:
+                points = comparison_rows(rows, args.baseline, resamples=args.resamples)
+                write_csv_rows(Path(args.out), points)
+                print(f"wrote {len(points)} groups to {args.out}", file=sys.stderr)
         else:
             print(markdown_table(rows, relations=not args.no_relations, side=args.side))
     else:
