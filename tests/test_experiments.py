@@ -270,6 +270,14 @@ def test_comparison_rows_are_the_seed_table_as_csv_rows(tmp_path):
     assert k0["mrr"] == pytest.approx((0.6 + 0.7) / 2)
     base = points["main"]  # paired with itself: every difference 0
     assert base["changed"] == "(baseline)" and base["delta_hits_at_1"] == 0.0 and base["delta_mrr_high"] == 0.0
+    # only: the named groups and the baseline, in both outputs
+    assert [p["experiment"] for p in comparison_rows(rows, "k0", read=read, resamples=50, only=["k0"])] == ["k0"]
+    assert [p["experiment"] for p in comparison_rows(rows, "main", read=read, resamples=50, only=["k0"])] == [
+        "main", "k0"]
+    only_table = seed_table(rows, relations=False, baseline="k0", read=read, resamples=50, only=["main"])
+    assert [line.split(" | ")[0].strip("| ") for line in only_table.splitlines()[2:]] == ["main", "k0"]
+    with pytest.raises(SystemExit, match="no experiment group named 'nope'"):
+        comparison_rows(rows, "main", read=read, only=["nope"])
     write_csv_rows(tmp_path / "a.csv", list(points.values()))
     header = (tmp_path / "a.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["experiment", "changed", "seeds"] and "delta_hits_at_1_low" in header

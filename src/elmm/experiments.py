@@ -225,6 +225,20 @@ def seed_groups(rows: list[dict], seed_key: str = "seed") -> list[tuple[str, str
     return [(name, key, members) for key, (name, members) in groups.items()]
 
 
+def select_groups(groups: list[tuple[str, str, list[dict]]], only: Sequence[str] | None,
+                  baseline: str | None = None) -> list[tuple[str, str, list[dict]]]:
+    """The `seed_groups` groups named in `only` (all without it) and the baseline's, in their order;
+    a clear error for a name that is no group."""
+    if not only:
+        return groups
+    names = [n for n, _, _ in groups]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise SystemExit(f"no experiment group named {', '.join(map(repr, unknown))}; groups: {', '.join(names)}")
+    keep = set(only) | {baseline}
+    return [g for g in groups if g[0] in keep]
+
+
 def group_members(groups: list[tuple[str, str, list[dict]]], name: str) -> list[dict]:
     """The members of the `seed_groups` group called `name`; a clear error naming the others."""
     for group, _, members in groups:
@@ -315,15 +329,17 @@ def _fmt_diff(mean: float, low: float, high: float) -> str:
 
 
 def seed_table(rows: list[dict], relations: bool = True, side: str = "both", baseline: str | None = None,
-               read: RankReader = git_rank_reader, resamples: int = 10_000, rng_seed: int = 0) -> str:
+               read: RankReader = git_rank_reader, resamples: int = 10_000, rng_seed: int = 0,
+               only: Sequence[str] | None = None) -> str:
     """One line per ablation: mean +- sample sd over the seeds it ran with (column `seeds`).
 
     With `baseline` (a group's name), each group's MRR and Hits@1 are followed by its paired
     difference to that group, pooled over the seeds both ran (`paired_comparison`), with the 95%
-    bootstrap interval: `+0.0123 [-0.0040, +0.0290]` (this group minus the baseline).
+    bootstrap interval: `+0.0123 [-0.0040, +0.0290]` (this group minus the baseline). `only` keeps
+    the groups of those names (and the baseline's).
     """
     rel_names, cols = _columns(rows, relations, side)
-    groups = seed_groups(rows)
+    groups = select_groups(seed_groups(rows), only, baseline)
     base_members = None
     if baseline is not None:
         base_members = group_members(groups, baseline)
@@ -398,10 +414,11 @@ def summarize(members: list[dict], reference: list[dict] | None = None, read: Ra
 
 
 def comparison_rows(rows: list[dict], baseline: str, read: RankReader | None = None, resamples: int = 10_000,
-                    rng_seed: int = 0) -> list[dict]:
+                    rng_seed: int = 0, only: Sequence[str] | None = None) -> list[dict]:
     """`seed_table --baseline` as CSV rows for `dvc plots`: one per group (`experiment`, its
-    `changed` params), with `summarize`'s columns against the baseline group (which gets 0s)."""
-    groups = seed_groups(rows)
+    `changed` params; `only` as in `seed_table`), with `summarize`'s columns against the baseline
+    group (which gets 0s)."""
+    groups = select_groups(seed_groups(rows), only, baseline)
     base = group_members(groups, baseline)
     return [{"experiment": name, "changed": (key or "(baseline)").replace(",", ";")}
             | summarize(members, base, read, resamples, rng_seed) for name, key, members in groups]
@@ -514,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--baseline", metavar="NAME", help="with --by-seed: the paired difference of every group to "
                                                       "group NAME, with a 95%% bootstrap interval over test queries")
     t.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    t.add_argument("--only", nargs="+", metavar="NAME", help="only these groups (and the baseline's)")
     t.add_argument("--out", metavar="CSV", help="with --baseline: also write each group's means and paired "
                                                 "differences to this CSV (a DVC plot, e.g. metrics/plots/ablations.csv)")
     s = sub.add_parser("sweep", help="CSV of the metrics against one param")
@@ -561,13 +579,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "table":
         if args.baseline and not args.by_seed:
             sys.exit("--baseline needs --by-seed (the comparison pairs experiments by seed)")
+        if args.only and not args.by_seed:
+            sys.exit("--only needs --by-seed (it selects groups of seeds)")
         if args.out and not args.baseline:
             sys.exit("--out needs --baseline (it writes the paired differences)")
         if args.by_seed:
             print(seed_table(rows, relations=not args.no_relations, side=args.side, baseline=args.baseline,
-                             resamples=args.resamples))
+                             resamples=args.resamples, only=args.only))
             if args.out:
-                points = comparison_rows(rows, args.baseline, resamples=args.resamples)
+                points = comparison_rows(rows, args.baseline, resamples=args.resamples, only=args.only)
                 write_csv_rows(Path(args.out), points)
                 print(f"wrote {len(points)} groups to {args.out}", file=sys.stderr)
         else:
