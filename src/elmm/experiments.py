@@ -330,28 +330,29 @@ def _fmt_diff(mean: float, low: float, high: float) -> str:
 
 def seed_table(rows: list[dict], relations: bool = True, side: str = "both", baseline: str | None = None,
                read: RankReader = git_rank_reader, resamples: int = 10_000, rng_seed: int = 0,
-               only: Sequence[str] | None = None) -> str:
+               only: Sequence[str] | None = None, comparisons: dict[str, dict | None] | None = None) -> str:
     """One line per ablation: mean +- sample sd over the seeds it ran with (column `seeds`).
 
     With `baseline` (a group's name), each group's MRR and Hits@1 are followed by its paired
     difference to that group, pooled over the seeds both ran (`paired_comparison`), with the 95%
     bootstrap interval: `+0.0123 [-0.0040, +0.0290]` (this group minus the baseline). `only` keeps
-    the groups of those names (and the baseline's).
+    the groups of those names (and the baseline's). `comparisons` (from `compare_groups`) saves
+    computing the paired differences again when the caller already has them.
     """
     rel_names, cols = _columns(rows, relations, side)
     groups = select_groups(seed_groups(rows), only, baseline)
     base_members = None
     if baseline is not None:
         base_members = group_members(groups, baseline)
+        if comparisons is None:
+            comparisons = compare_groups(groups, baseline, read, resamples, rng_seed, with_baseline=False)
         cols = [c for k in cols for c in ([k, f"Δ{k} vs {baseline} (95% CI)"] if k in ("mrr", "hits_at_1") else [k])]
     body = []
     for name, key, members in groups:
         seeds = sorted({_get(m["params"], "seed") for m in members}, key=str)
         cells = [name, key or "(baseline)", ",".join(str(x) for x in seeds)]
         per_member = [_values(m["metrics"], rel_names, side) for m in members]
-        paired = None
-        if base_members is not None and members is not base_members:
-            paired = paired_comparison(members, base_members, read, resamples, rng_seed)
+        paired = comparisons.get(name) if base_members is not None and members is not base_members else None
         for col, k in enumerate(METRICS + tuple(rel_names)):
             vals = [v[col] for v in per_member if v[col] is not None]
             if not vals:
@@ -391,37 +392,55 @@ def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed", against=Non
     if against is not None and against not in by_value:
         raise SystemExit(f"--against {against!r}: no sweep point has {param} = {against!r} "
                          f"(points: {', '.join(map(str, sorted(by_value)))})")
-    reference = by_value[against] if against is not None else None
-    return [{param.split(".")[-1]: value} | summarize(by_value[value], reference, read, resamples, rng_seed)
-            for value in sorted(by_value)]
+    points = []
+    for value in sorted(by_value):
+        point = {param.split(".")[-1]: value} | summarize(by_value[value])
+        if against is not None:
+            point |= delta_columns(paired_comparison(by_value[value], by_value[against], read or git_rank_reader,
+                                                     resamples, rng_seed))
+        points.append(point)
+    return points
 
 
-def summarize(members: list[dict], reference: list[dict] | None = None, read: RankReader | None = None,
-              resamples: int = 10_000, rng_seed: int = 0) -> dict:
-    """A group's CSV row: `seeds` (how many runs), each metric's mean and `<metric>_sd` over them, and
-    with `reference` (another group) the paired differences to it as `sweep_rows` describes."""
+def summarize(members: list[dict]) -> dict:
+    """A group's CSV columns: `seeds` (how many runs), each metric's mean and `<metric>_sd` over them."""
     point = {"seeds": len(members)}
     for k in METRICS:
         mean, sd = _mean_sd([m["metrics"][k] for m in members])
         point[k], point[f"{k}_sd"] = round(mean, 6), round(sd, 6)
-    if reference is not None:
-        paired = paired_comparison(members, reference, read or git_rank_reader, resamples, rng_seed)
-        point["paired_seeds"] = " ".join(map(str, paired["seeds"])) if paired else ""
-        for k in ("mrr", "hits_at_1"):
-            for suffix, x in zip(("", "_low", "_high"), paired[k] if paired else (None,) * 3):
-                point[f"delta_{k}{suffix}"] = None if x is None else round(x, 6)
     return point
 
 
-def comparison_rows(rows: list[dict], baseline: str, read: RankReader | None = None, resamples: int = 10_000,
-                    rng_seed: int = 0, only: Sequence[str] | None = None) -> list[dict]:
-    """`seed_table --baseline` as CSV rows for `dvc plots`: one per group (`experiment`, its
-    `changed` params; `only` as in `seed_table`), with `summarize`'s columns against the baseline
-    group (which gets 0s)."""
-    groups = select_groups(seed_groups(rows), only, baseline)
+def delta_columns(paired: dict | None) -> dict:
+    """A `paired_comparison` as CSV columns: `paired_seeds`, `delta_mrr` with `_low` / `_high`, the
+    same for `hits_at_1` (empty when the groups share no seed)."""
+    cols = {"paired_seeds": " ".join(map(str, paired["seeds"])) if paired else ""}
+    for k in ("mrr", "hits_at_1"):
+        for suffix, x in zip(("", "_low", "_high"), paired[k] if paired else (None,) * 3):
+            cols[f"delta_{k}{suffix}"] = None if x is None else round(x, 6)
+    return cols
+
+
+def compare_groups(groups: list[tuple[str, str, list[dict]]], baseline: str, read: RankReader | None = None,
+                   resamples: int = 10_000, rng_seed: int = 0, with_baseline: bool = True) -> dict[str, dict | None]:
+    """Each group's `paired_comparison` to the `baseline` group, by name (the baseline with itself too,
+    unless `with_baseline` is false). The bootstrap is the slow part of a table: compute it once."""
     base = group_members(groups, baseline)
+    return {name: paired_comparison(members, base, read or git_rank_reader, resamples, rng_seed)
+            for name, _, members in groups if with_baseline or members is not base}
+
+
+def comparison_rows(rows: list[dict], baseline: str, read: RankReader | None = None, resamples: int = 10_000,
+                    rng_seed: int = 0, only: Sequence[str] | None = None,
+                    comparisons: dict[str, dict | None] | None = None) -> list[dict]:
+    """`seed_table --baseline` as CSV rows for `dvc plots`: one per group (`experiment`, its
+    `changed` params; `only` as in `seed_table`), with `summarize`'s and `delta_columns`' columns
+    against the baseline group (which gets 0s). `comparisons` as in `seed_table`."""
+    groups = select_groups(seed_groups(rows), only, baseline)
+    if comparisons is None:
+        comparisons = compare_groups(groups, baseline, read, resamples, rng_seed)
     return [{"experiment": name, "changed": (key or "(baseline)").replace(",", ";")}
-            | summarize(members, base, read, resamples, rng_seed) for name, key, members in groups]
+            | summarize(members) | delta_columns(comparisons[name]) for name, key, members in groups]
 
 
 def only_seeds(rows: list[dict], seeds: Sequence[int], seed_key: str = "seed") -> list[dict]:
@@ -584,10 +603,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.out and not args.baseline:
             sys.exit("--out needs --baseline (it writes the paired differences)")
         if args.by_seed:
-            print(seed_table(rows, relations=not args.no_relations, side=args.side, baseline=args.baseline,
-                             resamples=args.resamples, only=args.only))
+            comparisons = None  # with --out, one bootstrap serves the table and the CSV
             if args.out:
-                points = comparison_rows(rows, args.baseline, resamples=args.resamples, only=args.only)
+                comparisons = compare_groups(select_groups(seed_groups(rows), args.only, args.baseline), args.baseline,
+                                             resamples=args.resamples)
+            print(seed_table(rows, relations=not args.no_relations, side=args.side, baseline=args.baseline,
+                             resamples=args.resamples, only=args.only, comparisons=comparisons))
+            if args.out:
+                points = comparison_rows(rows, args.baseline, resamples=args.resamples, only=args.only,
+                                         comparisons=comparisons)
                 write_csv_rows(Path(args.out), points)
                 print(f"wrote {len(points)} groups to {args.out}", file=sys.stderr)
         else:
