@@ -8,13 +8,20 @@ params.yaml, data/kg, data/encoded, data/backbone and data/pruning exactly as st
 builds the same model (LoRA included) and runs `elmm.training.train_model` without validation:
 
 1. `--steps` optimizer steps timed with the profiler off (after `--warmup` steps): training
-   queries/s, the figure issue 16's target is about;
+   queries/s over the whole call, and `steady_queries_per_s` over the steps alone (what an epoch
+   of thousands of steps runs at), the figure issue 16's target is about;
 2. `--profile-steps` steps under `torch.profiler`: the wall time of each phase `train_model`
    labels (negatives and filter mask, make_batch, forward, loss, backward, optimizer) and the top
    operators by self CPU time.
 
-The code measured is the `elmm` that Python imports (the installed checkout); to compare two
-versions side by side, run each with `PYTHONPATH=<its checkout>/src`. Prints one JSON object.
+The code measured is the `elmm` that Python imports (the installed checkout). To compare it with
+another version, `--against <that checkout's src>` (e.g. from `git archive COMMIT src`) runs both in
+this one process, in alternating blocks of `--steps` steps: on the development container two
+processes of the same code differed by up to 1.5x, far more than the changes measured. Prints one
+JSON object.
+
+    git archive 84ca5a5 src | tar -x -C /tmp/base
+    python benchmarks/train_step.py --repo <repository> --against /tmp/base/src --rounds 10 --steps 30
 
 Under torchrun (`torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py ...`) the loop
 runs data-parallel as the train stage does (`train.batch_size` is the global batch, each rank a
@@ -27,9 +34,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,34 +51,87 @@ import torch
 PHASE_PREFIX = "step: "
 
 
-def build(repo: Path):
-    """(model, workspace, train queries, train filter, params) as stages/train.py builds them."""
-    from elmm.config import load_params, validate
-    from elmm.kg.queries import FilterIndex, queries_from_triples
-    from elmm.model_io import add_lora, build_model, lora_config, set_trainable
-    from elmm.pruning.artifact import PRUNING_FILE
-    from elmm.workspace import open_workspace
+def build(repo: Path, pkg: str = "elmm"):
+    """(model, workspace, train queries, train filter, params) as stages/train.py builds them, with
+    the package `pkg` (`elmm`, or the copy `--against` imports)."""
+    def mod(name):
+        return importlib.import_module(f"{pkg}.{name}")
 
     os.chdir(repo)
-    p = load_params("params.yaml")
-    validate(p)
-    ws = open_workspace(p)
-    model = build_model(ws, f"data/pruning/{PRUNING_FILE}", seed=p.seed)
-    add_lora(model, lora_config(p.train.lora.r, p.train.lora.alpha, p.train.lora.dropout))
-    set_trainable(model)
+    config, queries_mod, model_io = mod("config"), mod("kg.queries"), mod("model_io")
+    p = config.load_params("params.yaml")
+    config.validate(p)
+    ws = mod("workspace").open_workspace(p)
+    model = model_io.build_model(ws, f"data/pruning/{mod('pruning.artifact').PRUNING_FILE}", seed=p.seed)
+    model_io.add_lora(model, model_io.lora_config(p.train.lora.r, p.train.lora.alpha, p.train.lora.dropout))
+    model_io.set_trainable(model)
     kg = ws.kg
-    return model, ws, queries_from_triples(kg.triples["train"]), FilterIndex(kg.triples["train"], kg.num_entities), p
+    return (model, ws, queries_mod.queries_from_triples(kg.triples["train"]),
+            queries_mod.FilterIndex(kg.triples["train"], kg.num_entities), p)
 
 
-def run(model, ws, queries, filters, p, steps: int, dist=None) -> float:
-    """Seconds for `steps` optimizer steps of train_model (no validation, no checkpoints)."""
-    from elmm.training import train_model
+def import_as(src: Path, alias: str) -> None:
+    """Import the `elmm` package under `src` as `alias`, beside the `elmm` already imported: a copy
+    with its absolute `elmm` imports renamed (the package's own modules use relative ones)."""
+    root = Path(tempfile.mkdtemp(prefix="elmm-against-"))
+    shutil.copytree(src / "elmm", root / alias, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in (root / alias).rglob("*.py"):
+        f.write_text(re.sub(r"\b(from|import) elmm\b", rf"\1 {alias}", f.read_text()))
+    sys.path.insert(0, str(root))
+    importlib.import_module(alias)
+
+
+def run(model, ws, queries, filters, p, steps: int, dist=None, pkg: str = "elmm") -> tuple[float, list[float]]:
+    """Seconds for `steps` optimizer steps of train_model (no validation, no checkpoints), and the
+    seconds of each step after the first (between the ends of consecutive steps)."""
+    train_model = importlib.import_module(f"{pkg}.training").train_model
 
     tp = dataclasses.replace(p.train, max_steps=steps, epochs=max(p.train.epochs, 1000), patience=0,
                              checkpoint_every=0)
+    ends = []
+
+    def log(name, value, step):
+        if name == "train/loss":  # emitted once per step, right after it
+            ends.append(time.perf_counter())
+
     start = time.perf_counter()
-    train_model(model, ws, queries, filters, tp, seed=p.seed, progress=False, dist=dist)
-    return time.perf_counter() - start
+    train_model(model, ws, queries, filters, tp, seed=p.seed, log=log, progress=False, dist=dist)
+    return time.perf_counter() - start, [b - a for a, b in zip(ends, ends[1:])]
+
+
+def steady(step_seconds: list[float], batch: int) -> dict:
+    """Throughput of the steps themselves: what an epoch of thousands of steps runs at, without the
+    set-up train_model does once per call (optimizer, the epoch's order) that `seconds` includes."""
+    if not step_seconds:
+        return {}
+    return {"steady_queries_per_s": round(len(step_seconds) * batch / sum(step_seconds), 1),
+            "median_step_ms": round(1e3 * statistics.median(step_seconds), 2)}
+
+
+def compare(args) -> dict:
+    """This checkout against `args.against` in one process: a process's own speed varies (up to 1.5x
+    between two processes of the same code on the development container), so the versions share one.
+    Each round runs --steps steps of each, in alternating order; steady queries/s per round."""
+    import_as(args.against.resolve(), "elmm_against")
+    versions = {"this": "elmm", "against": "elmm_against"}
+    built = {name: build(args.repo, pkg) for name, pkg in versions.items()}
+    for name, pkg in versions.items():
+        run(*built[name], args.warmup, pkg=pkg)
+    batch = built["this"][4].train.batch_size * built["this"][4].train.grad_accum
+    rates = {name: [] for name in versions}
+    for r in range(args.rounds):
+        for name in (versions if r % 2 == 0 else reversed(versions)):
+            _, step_seconds = run(*built[name], args.steps, pkg=versions[name])
+            rates[name].append(steady(step_seconds, batch)["steady_queries_per_s"])
+    ratios = [a / b for a, b in zip(rates["this"], rates["against"])]
+    return {
+        "entities": built["this"][1].kg.num_entities, "batch_size": batch, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "against": str(args.against), "rounds": args.rounds, "steps": args.steps,
+        "steady_queries_per_s": rates,
+        "mean_queries_per_s": {name: round(statistics.mean(v), 1) for name, v in rates.items()},
+        "ratio_of_means": round(statistics.mean(rates["this"]) / statistics.mean(rates["against"]), 3),
+        "ratio_per_round": [round(x, 3) for x in ratios],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,14 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=15, help="operators listed by self CPU time")
+    ap.add_argument("--against", type=Path, metavar="SRC",
+                    help="another checkout's src/ (e.g. `git archive COMMIT src`): both versions in this one "
+                         "process, alternating blocks of --steps steps, instead of the profile")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating blocks per version (with --against)")
     args = ap.parse_args(argv)
+    if args.against:
+        print(json.dumps(compare(args), indent=1))
+        return
 
     from elmm.distributed import init_distributed, shutdown_distributed
 
     dist, _ = init_distributed(torch.device("cpu"))
     model, ws, queries, filters, p = build(args.repo)
     run(model, ws, queries, filters, p, args.warmup, dist)
-    seconds = run(model, ws, queries, filters, p, args.steps, dist)
+    seconds, step_seconds = run(model, ws, queries, filters, p, args.steps, dist)
     batch = p.train.batch_size * p.train.grad_accum
     if dist.enabled:
         shutdown_distributed(dist)
@@ -91,13 +164,13 @@ def main(argv: list[str] | None = None) -> None:
                 "entities": ws.kg.num_entities, "train_queries": len(queries), "batch_size": batch,
                 "world_size": dist.world, "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__,
                 "steps": args.steps, "seconds": round(seconds, 3), "steps_per_s": round(args.steps / seconds, 2),
-                "queries_per_s": round(args.steps * batch / seconds, 1)}, indent=1))
+                "queries_per_s": round(args.steps * batch / seconds, 1), **steady(step_seconds, batch)}, indent=1))
         return
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        profiled = run(model, ws, queries, filters, p, args.profile_steps)
+        profiled, _ = run(model, ws, queries, filters, p, args.profile_steps)
     events = prof.key_averages()
     phases = {e.key.removeprefix(PHASE_PREFIX): e.cpu_time_total / 1e6 for e in events if e.key.startswith(PHASE_PREFIX)}
     labelled = sum(phases.values())
@@ -108,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         "entities": ws.kg.num_entities, "train_queries": len(queries), "batch_size": batch,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "steps": args.steps, "seconds": round(seconds, 3), "steps_per_s": round(args.steps / seconds, 2),
-        "queries_per_s": round(args.steps * batch / seconds, 1),
+        "queries_per_s": round(args.steps * batch / seconds, 1), **steady(step_seconds, batch),
         "profile": {
             "steps": args.profile_steps, "seconds": round(profiled, 3),
             "phase_seconds_per_step": {k: round(v / args.profile_steps, 4) for k, v in phases.items()},
