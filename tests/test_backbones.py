@@ -14,7 +14,7 @@ from elmm.config import TinyBackboneParams
 from elmm.model import ELMM, ELMMConfig
 from elmm.model_io import add_lora, lora_config, set_trainable
 from elmm.prompt import PromptBuilder
-from elmm.pruning.layers import measure_similarity, prune_layers
+from elmm.pruning.layers import hidden_at, measure_similarity, prune_layers, split_layer
 
 TINY = TinyBackboneParams(vocab_size=300, hidden=32, layers=3, heads=2, intermediate=64, vision_hidden=16,
                           vision_layers=1, vision_heads=2, image_size=32, patch_size=8)
@@ -90,3 +90,30 @@ def test_similarity_hooks_work_on_qwen_layers(qwen_dir):
     sims = measure_similarity(b.layers, run, [batch])
     assert set(sims) == {"residual", "attention"}
     assert all(len(v) == 3 and all(-1 <= s <= 1 for s in v) for v in sims.values())
+
+
+@pytest.mark.parametrize("pruned", [[], [2], [1, 2]])
+def test_hidden_at_splits_qwen_layers_like_the_full_pass(qwen_dir, pruned):
+    """Qwen2-VL's decoder layers are split as Llama's are (the last attention layer's MLP on the read
+    positions only): the same hidden states and gradients as the whole decoder's forward."""
+    b = load_backbone(qwen_dir)
+    g = torch.Generator().manual_seed(0)
+    prune_layers(b.layers, {i: 0.1 * torch.randn(32, 32, generator=g) for i in pruned})
+    assert split_layer(b.layers) == 2 - len(pruned)
+    b.decoder.double()
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 6:] = mask[2, 4:] = False  # right padding, as ELMM's batches have
+    positions = torch.tensor([[0, 3, 5], [1, 5, 2], [3, 0, 1]])
+    results = []
+    for full in (False, True):
+        handle = b.decoder.register_forward_hook(lambda *a: None) if full else None
+        embeds = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        embeds.requires_grad_(True)
+        out = hidden_at(b.decoder, embeds, mask, positions)
+        out.square().sum().backward()
+        results.append((out.detach(), embeds.grad))
+        if handle is not None:
+            handle.remove()
+    (fast, fast_grad), (whole, whole_grad) = results
+    torch.testing.assert_close(fast, whole, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast_grad, whole_grad, rtol=1e-10, atol=1e-12)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from elmm.pruning import layers as pruning_layers
 from elmm.pruning.compensation import CompensationAccumulator
 from elmm.pruning.layers import (
     PrunedDecoderLayer,
@@ -20,6 +21,7 @@ from elmm.pruning.layers import (
     measure_similarity,
     prune_layers,
     rank_layers,
+    split_layer,
 )
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
@@ -93,25 +95,65 @@ def test_k0_pruning_is_identity(load_micro_backbone, micro_backbone, batches) ->
             assert_close(decode(bb, batch), decode(micro_backbone, batch), **EXACT)
 
 
-@pytest.mark.parametrize(("pruned", "top"), [([], None), ([1], None), ([1, 2], 1), ([2], 2), ([0, 1, 2], 0)])
-def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_micro_backbone, batches,
-                                                                           pruned, top) -> None:
+def counted(fn, calls: list):
+    """`fn` (`_attention_at`) recording, per call, whether the decoder passed no mask."""
+    def wrapper(attn, h, kwargs, positions):
+        calls.append(kwargs.get("attention_mask") is None)
+        return fn(attn, h, kwargs, positions)
+    return wrapper
+
+
+def test_hidden_at_without_padding_matches_the_full_pass(load_micro_backbone, batches, monkeypatch) -> None:
+    """A batch without padding: the decoder passes no mask (causal attention), and the read
+    positions' own causal rows must give the same hidden states and gradients."""
+    bb = load_micro_backbone()
+    bb.decoder.double()
+    calls = []
+    monkeypatch.setattr(pruning_layers, "_attention_at", counted(pruning_layers._attention_at, calls))
+    batch = batches[0]
+    b, t = batch["decoder_mask"].shape
+    mask = torch.ones(b, t, dtype=torch.bool)
+    positions = torch.tensor([[0, t - 1, 3]] * b)
+    results = []
+    for full in (False, True):
+        handle = bb.decoder.register_forward_hook(lambda *a: None) if full else None
+        embeds = batch["embeds"].double().requires_grad_(True)
+        out = hidden_at(bb.decoder, embeds, mask, positions)
+        out.square().sum().backward()
+        results.append((out.detach(), embeds.grad))
+        if handle is not None:
+            handle.remove()
+    assert calls == [True]  # no mask: the causal rows are built
+    assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("pruned", "top", "split"),
+                         [([], None, 2), ([1], None, 2), ([1, 2], 1, 0), ([2], 2, 1), ([0, 1, 2], 0, None)])
+def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_micro_backbone, batches, monkeypatch,
+                                                                           pruned, top, split) -> None:
     """The hidden states at the positions read, and their gradients, are those of the full decoder
-    pass, whether the pruned layers at the top run on every position or on the read ones only."""
+    pass, whether the last attention layer's MLP and the pruned layers above it run on every
+    position or on the read ones only."""
     bb = load_micro_backbone()
     g = torch.Generator().manual_seed(3)
     dim = bb.hidden_size
     prune_layers(bb.layers, {i: 0.1 * torch.randn(dim, dim, generator=g) for i in pruned})
     assert attention_free_top(bb.layers) == top
+    assert split_layer(bb.layers) == split
     bb.decoder.double()  # float64: the two passes agree to rounding far below the tolerance
+    calls = []
+    monkeypatch.setattr(pruning_layers, "_attention_at", counted(pruning_layers._attention_at, calls))
     for batch in batches:
         b, t = batch["decoder_mask"].shape
         positions = torch.stack([torch.randperm(t, generator=g)[:3] for _ in range(b)])
         results = []
+        calls.clear()
         for observed in (False, True):
             # a hook on the last layer makes hidden_at take the full pass (as the pruning analyses do)
             handle = bb.layers[-1].register_forward_hook(lambda *a: None) if observed else None
             assert (attention_free_top(bb.layers) is None) == (observed or top is None)
+            assert (split_layer(bb.layers) is None) == (observed or split is None)
             embeds = batch["embeds"].double().requires_grad_(True)
             out = hidden_at(bb.decoder, embeds, batch["decoder_mask"], positions)
             out.square().sum().backward()
@@ -119,6 +161,8 @@ def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_m
             if handle is not None:
                 handle.remove()
         (fast, fast_grad), (full, full_grad) = results
+        # Llama's attention: queries at the read positions only, the rows of the padded batch's mask
+        assert calls == ([False] if split is not None else [])
         assert fast.shape == (b, 3, dim)
         assert_close(fast, full, rtol=1e-10, atol=1e-12)
         assert_close(fast_grad, full_grad, rtol=1e-10, atol=1e-12)

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .compensation import CompensationAccumulator, ErrorMeter
 
@@ -35,7 +37,15 @@ class PrunedDecoderLayer(nn.Module):
 
 
 class _Below(Exception):
-    """Raised by `hidden_at`'s hook once the residual stream below the attention-free top is read."""
+    """Raised by `hidden_at`'s hook once the residual stream below the read-only part is read."""
+
+
+# Decoder layers whose forward is  h = x + self_attn(input_layernorm(x), **kwargs)[0];
+# y = h + mlp(post_attention_layernorm(h))  with the kwargs the decoder passes the layer, read from
+# transformers' source: the text decoders of LLaVA (Llama), Qwen2 and Qwen2-VL. Another family's
+# layer is run whole.
+PRE_NORM_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
+                             "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"})
 
 
 def attention_free_top(layers: nn.ModuleList) -> int | None:
@@ -49,6 +59,18 @@ def attention_free_top(layers: nn.ModuleList) -> int | None:
     return start
 
 
+def split_layer(layers: nn.ModuleList) -> int | None:
+    """Index of the last layer that keeps its attention, when `hidden_at` may run its MLP on the read
+    positions only: a pre-norm layer (`PRE_NORM_LAYERS`) with only pruned layers above it and no hook
+    on it or above it. None otherwise."""
+    top = len(layers)
+    while top > 0 and isinstance(layers[top - 1], PrunedDecoderLayer):
+        top -= 1
+    if top == 0 or type(layers[top - 1]).__name__ not in PRE_NORM_LAYERS or _observed(*layers[top - 1:]):
+        return None
+    return top - 1
+
+
 def _observed(*modules: nn.Module) -> bool:
     """Whether a forward hook watches any of `modules` or their submodules."""
     return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
@@ -58,27 +80,34 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
               positions: torch.Tensor) -> torch.Tensor:
     """The decoder's final hidden states (after its norm) at `positions` [B, n] only: [B, n, D].
 
-    A pruned layer maps each position on its own (no attention), so once every layer above some
-    point is pruned, positions nobody reads cannot change the ones read: those top layers run on
-    the `n` read positions instead of the whole sequence (the same function; ELMM reads the image
-    block and two text positions, so at K = L/2 pruned from the top this is a third of the work of
-    those layers). The layers below run on the whole sequence through the decoder's own forward.
-    A forward hook on the top layers, the decoder or its norm gets the full pass instead.
+    Only the positions read need the decoder's last steps. Above the last layer that keeps its
+    attention, every layer maps each position on its own, so positions nobody reads cannot change
+    the ones read; and in that last attention layer, the other positions are needed only as keys and
+    values of its attention. So its MLP and every (pruned) layer above it run on the `n` read
+    positions instead of the whole sequence (the same function; ELMM reads the image block and two
+    text positions, about a quarter of the sequence). The layers below run through the decoder's own
+    forward. Where no layer can be split (another layer type, see `split_layer`), the pruned top
+    alone runs on the read positions. A forward hook on any of the layers run on the read positions,
+    on the decoder or on its norm gets the full pass instead.
     """
     layers = decoder.layers
     # whoever observes the decoder's own forward or its norm gets the full pass too
-    start = None if _observed(decoder.norm) or decoder._forward_hooks or decoder._forward_pre_hooks \
-        else attention_free_top(layers)
+    if _observed(decoder.norm) or decoder._forward_hooks or decoder._forward_pre_hooks:
+        split = start = None
+    else:
+        split = split_layer(layers)
+        start = split if split is not None else attention_free_top(layers)
     index = positions[:, :, None].expand(-1, -1, embeds.shape[-1])
     if start is None:
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
         return hidden.gather(1, index)
     x = embeds
-    if start > 0:  # the decoder's forward up to the input of layer `start`
+    if start > 0 or split is not None:  # the decoder's forward up to the input of layer `start`
         store = {}
 
         def stop(module, args, kwargs):
             store["x"] = _layer_input(args, kwargs)
+            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             raise _Below
 
         handle = layers[start].register_forward_pre_hook(stop, with_kwargs=True)
@@ -89,10 +118,58 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
         finally:
             handle.remove()
         x = store["x"]
-    x = x.gather(1, index)
+    if split is not None:  # keys and values from every position, the rest on the read ones
+        layer, kwargs = layers[split], store["kwargs"]
+        h = layer.input_layernorm(x)
+        if _queries_at_supported(layer.self_attn, kwargs):
+            x = x.gather(1, index) + _attention_at(layer.self_attn, h, kwargs, positions)
+        else:
+            x = (x + layer.self_attn(hidden_states=h, **kwargs)[0]).gather(1, index)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        start += 1
+    else:
+        x = x.gather(1, index)
     for layer in layers[start:]:
         x = layer(x)
     return decoder.norm(x)
+
+
+def _queries_at_supported(attn: nn.Module, kwargs: dict) -> bool:
+    """Whether `_attention_at` computes what `attn(**kwargs)` does: Llama's attention (rotary on
+    queries and keys, no sliding window), a dense or no mask, no attention dropout at work."""
+    mask = kwargs.get("attention_mask")
+    return (type(attn).__name__ == "LlamaAttention"
+            and attn.config._attn_implementation in ("sdpa", "eager")
+            and not (attn.training and attn.attention_dropout > 0)
+            and isinstance(kwargs.get("position_embeddings"), tuple)
+            and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)))
+
+
+def _attention_at(attn: nn.Module, h: torch.Tensor, kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+    """Llama's attention output `attn(h, **kwargs)[0]` at `positions` [B, n] only: keys and values
+    from every position, the attention and the output projection for the read queries only.
+
+    The query projection still runs on every position: a LoRA adapter on it draws its dropout mask
+    for the whole input, so training consumes the random stream as the full pass does."""
+    b, t, _ = h.shape
+    n, d = positions.shape[1], attn.head_dim
+    q = attn.q_proj(h)
+    q = q.gather(1, positions[:, :, None].expand(-1, -1, q.shape[-1])).view(b, n, -1, d).transpose(1, 2)
+    k = attn.k_proj(h).view(b, t, -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(b, t, -1, d).transpose(1, 2)
+    cos, sin = (c.expand(b, -1, -1) for c in kwargs["position_embeddings"])  # [B or 1, T, d]
+    at = positions[:, :, None].expand(-1, -1, cos.shape[-1])
+    q = q * cos.gather(1, at)[:, None] + rotate_half(q) * sin.gather(1, at)[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    mask = kwargs.get("attention_mask")
+    if mask is None:  # the decoder's causal mask, with no padding to hide
+        mask = positions[:, None, :, None] >= torch.arange(t, device=h.device)
+    else:  # the rows of the read positions
+        mask = mask.expand(b, -1, -1, -1)
+        mask = mask.gather(2, positions[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 def prune_layers(layers: nn.ModuleList, weights: dict[int, torch.Tensor | None]) -> None:
