@@ -18,6 +18,7 @@ from elmm.model_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
+    MaskDropout,
     add_lora,
     install_pruning,
     load_trained,
@@ -192,3 +193,33 @@ def test_old_model_layout_gets_a_clear_message(make_workspace, tmp_path) -> None
     (old / "adapter.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="older version .* rerun `dvc repro train`"):
         load_trained(make_workspace(), old)
+
+
+def test_lora_dropout_is_mask_dropout_with_nn_dropouts_law(make_workspace) -> None:
+    """add_lora's dropout: every element kept with probability 1 - p and scaled by 1 / (1 - p),
+    independently (the keep rate of 4M draws and of pairs of neighbours within 5 SE), the identity
+    in eval mode, the same mask for the same seed, and its gradient the mask itself."""
+    ws = make_workspace()
+    model = ELMM(ws.backbone, ELMMConfig.from_params(ws.params, ws.kg.num_entities))
+    add_lora(model, lora_config(r=4, alpha=8, dropout=0.1))
+    dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert dropouts and all(type(d) is MaskDropout and d.p == 0.1 for d in dropouts)
+
+    drop = MaskDropout(0.1)
+    x = torch.full((4, 1000, 1000), 2.0, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y.detach() != 0
+    assert_close(y.detach().unique(), torch.tensor([0.0, 2.0 / 0.9]))  # dropped, or kept and scaled
+    n, rate = kept.numel(), kept.float().mean().item()
+    assert abs(rate - 0.9) < 5 * (0.09 / n) ** 0.5
+    both = (kept[..., 1:] & kept[..., :-1]).float().mean().item()  # independence of neighbours
+    assert abs(both - 0.81) < 5 * (0.81 * 0.19 / kept[..., 1:].numel()) ** 0.5
+    y.sum().backward()
+    assert_close(x.grad, kept.float() / 0.9)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x.detach()), y.detach())
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        MaskDropout(1.0)
