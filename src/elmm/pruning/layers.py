@@ -48,12 +48,18 @@ PRE_NORM_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2D
                              "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"})
 
 
+def _pruned_top(layers: nn.ModuleList) -> int:
+    """Index of the first of the pruned layers that end the decoder (len(layers) when none does)."""
+    top = len(layers)
+    while top > 0 and isinstance(layers[top - 1], PrunedDecoderLayer):
+        top -= 1
+    return top
+
+
 def attention_free_top(layers: nn.ModuleList) -> int | None:
     """Index of the first of the pruned layers that end the decoder, or None when the last layer
     keeps its attention or a hook observes one of them (the pruning analyses need every position)."""
-    start = len(layers)
-    while start > 0 and isinstance(layers[start - 1], PrunedDecoderLayer):
-        start -= 1
+    start = _pruned_top(layers)
     if start == len(layers) or _observed(*layers[start:]):
         return None
     return start
@@ -63,9 +69,7 @@ def split_layer(layers: nn.ModuleList) -> int | None:
     """Index of the last layer that keeps its attention, when `hidden_at` may run its MLP on the read
     positions only: a pre-norm layer (`PRE_NORM_LAYERS`) with only pruned layers above it and no hook
     on it or above it. None otherwise."""
-    top = len(layers)
-    while top > 0 and isinstance(layers[top - 1], PrunedDecoderLayer):
-        top -= 1
+    top = _pruned_top(layers)
     if top == 0 or type(layers[top - 1]).__name__ not in PRE_NORM_LAYERS or _observed(*layers[top - 1:]):
         return None
     return top - 1
