@@ -96,10 +96,11 @@ def test_k0_pruning_is_identity(load_micro_backbone, micro_backbone, batches) ->
 
 
 def counted(fn, calls: list):
-    """`fn` (`_attention_at`) recording, per call, whether the decoder passed no mask."""
-    def wrapper(attn, h, kwargs, positions):
-        calls.append(kwargs.get("attention_mask") is None)
-        return fn(attn, h, kwargs, positions)
+    """`fn` (`_attention`) recording, per call, (whether the decoder passed no mask, whether the
+    queries are every position)."""
+    def wrapper(attn, q, k, v, kwargs, positions=None):
+        calls.append((kwargs.get("attention_mask") is None, positions is None))
+        return fn(attn, q, k, v, kwargs, positions)
     return wrapper
 
 
@@ -109,7 +110,7 @@ def test_hidden_at_without_padding_matches_the_full_pass(load_micro_backbone, ba
     bb = load_micro_backbone()
     bb.decoder.double()
     calls = []
-    monkeypatch.setattr(pruning_layers, "_attention_at", counted(pruning_layers._attention_at, calls))
+    monkeypatch.setattr(pruning_layers, "_attention", counted(pruning_layers._attention, calls))
     batch = batches[0]
     b, t = batch["decoder_mask"].shape
     mask = torch.ones(b, t, dtype=torch.bool)
@@ -123,18 +124,21 @@ def test_hidden_at_without_padding_matches_the_full_pass(load_micro_backbone, ba
         results.append((out.detach(), embeds.grad))
         if handle is not None:
             handle.remove()
-    assert calls == [True]  # no mask: the causal rows are built
+    # no mask: the layers below the split run causal, the split layer builds its read rows
+    assert calls == [(True, True)] * (len(bb.layers) - 1) + [(True, False)]
     assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(("pruned", "top", "split"),
-                         [([], None, 2), ([1], None, 2), ([1, 2], 1, 0), ([2], 2, 1), ([0, 1, 2], 0, None)])
+                         [([], None, 2), ([1], None, 2), ([1, 2], 1, 0), ([2], 2, 1), ([0, 1, 2], 0, None),
+                          ([0], None, 2)])
 def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_micro_backbone, batches, monkeypatch,
                                                                            pruned, top, split) -> None:
-    """The hidden states at the positions read, and their gradients, are those of the full decoder
-    pass, whether the last attention layer's MLP and the pruned layers above it run on every
-    position or on the read ones only."""
+    """The hidden states at the real positions read, and their gradients, are those of the full
+    decoder pass, whether the layers below the split run on the real positions only, and the last
+    attention layer's MLP and the pruned layers above it on the read ones, or everything runs on
+    every position. Read positions that are padding are left out: their values are unspecified."""
     bb = load_micro_backbone()
     g = torch.Generator().manual_seed(3)
     dim = bb.hidden_size
@@ -143,10 +147,11 @@ def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_m
     assert split_layer(bb.layers) == split
     bb.decoder.double()  # float64: the two passes agree to rounding far below the tolerance
     calls = []
-    monkeypatch.setattr(pruning_layers, "_attention_at", counted(pruning_layers._attention_at, calls))
+    monkeypatch.setattr(pruning_layers, "_attention", counted(pruning_layers._attention, calls))
     for batch in batches:
         b, t = batch["decoder_mask"].shape
         positions = torch.stack([torch.randperm(t, generator=g)[:3] for _ in range(b)])
+        real = batch["decoder_mask"].gather(1, positions)
         results = []
         calls.clear()
         for observed in (False, True):
@@ -156,18 +161,43 @@ def test_hidden_at_runs_the_attention_free_top_on_the_read_positions_only(load_m
             assert (split_layer(bb.layers) is None) == (observed or split is None)
             embeds = batch["embeds"].double().requires_grad_(True)
             out = hidden_at(bb.decoder, embeds, batch["decoder_mask"], positions)
-            out.square().sum().backward()
-            results.append((out.detach(), embeds.grad))
+            (out.square().sum(-1) * real).sum().backward()
+            results.append((out.detach()[real], embeds.grad))
             if handle is not None:
                 handle.remove()
         (fast, fast_grad), (full, full_grad) = results
-        # Llama's attention: queries at the read positions only, the rows of the padded batch's mask
-        assert calls == ([False] if split is not None else [])
-        assert fast.shape == (b, 3, dim)
+        # Llama's attention: every position's queries below the split, the read ones in it, with
+        # the padded batch's mask
+        below = [] if split is None else [i for i in range(split) if i not in pruned]
+        assert calls == [(False, True)] * len(below) + ([(False, False)] if split is not None else [])
+        assert out.shape == (b, 3, dim)
         assert_close(fast, full, rtol=1e-10, atol=1e-12)
         assert_close(fast_grad, full_grad, rtol=1e-10, atol=1e-12)
         whole = bb.decoder(inputs_embeds=batch["embeds"].double(), attention_mask=batch["decoder_mask"].long())
-        assert_close(full, whole.last_hidden_state.detach().gather(1, positions[:, :, None].expand(-1, -1, dim)), **EXACT)
+        whole = whole.last_hidden_state.detach().gather(1, positions[:, :, None].expand(-1, -1, dim))
+        assert_close(full, whole[real], **EXACT)
+
+
+def test_hidden_at_lets_a_hook_below_the_split_see_the_padded_layer(load_micro_backbone, batches) -> None:
+    """The pruning analyses hook layers below the split (calibration captures a layer's input and its
+    attention's output): with a hook there, those layers run through the decoder's own forward, so
+    the hook sees the [B, T, D] stream it expects, and the values read are those of the full pass."""
+    bb = load_micro_backbone()
+    assert split_layer(bb.layers) == 2
+    batch = batches[0]
+    b, t = batch["decoder_mask"].shape
+    positions = torch.tensor([[0, 1, 2]] * b)
+    seen = []
+    handle = bb.layers[0].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[0].shape))
+    try:
+        with torch.no_grad():
+            out = hidden_at(bb.decoder, batch["embeds"], batch["decoder_mask"], positions)
+    finally:
+        handle.remove()
+    assert seen == [(b, t, bb.hidden_size)]
+    with torch.no_grad():
+        whole = decode(bb, batch).gather(1, positions[:, :, None].expand(-1, -1, bb.hidden_size))
+    assert_close(out, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_prune_without_compensation_equals_zeroed_attention(load_micro_backbone, batches) -> None:

@@ -84,15 +84,20 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
               positions: torch.Tensor) -> torch.Tensor:
     """The decoder's final hidden states (after its norm) at `positions` [B, n] only: [B, n, D].
 
+    The values at read positions that are padding (`attention_mask` False) are unspecified: every
+    reader masks them out.
+
     Only the positions read need the decoder's last steps. Above the last layer that keeps its
     attention, every layer maps each position on its own, so positions nobody reads cannot change
     the ones read; and in that last attention layer, the other positions are needed only as keys and
     values of its attention. So its MLP and every (pruned) layer above it run on the `n` read
     positions instead of the whole sequence (the same function; ELMM reads the image block and two
-    text positions, about a quarter of the sequence). The layers below run through the decoder's own
-    forward. Where no layer can be split (another layer type, see `split_layer`), the pruned top
-    alone runs on the read positions. A forward hook on any of the layers run on the read positions,
-    on the decoder or on its norm gets the full pass instead.
+    text positions, about a quarter of the sequence). Below it, Llama's layers (`_unpadded_supported`)
+    run on the real positions only: the residual stream, the projections and the MLPs skip the
+    padding (about 15% of a training batch), which only the attention kernel sees, as masked keys.
+    Other layer types below it run through the decoder's own forward. Where no layer can be split
+    (see `split_layer`), the pruned top alone runs on the read positions. A forward hook on any of
+    the layers run on the read positions, on the decoder or on its norm gets the full pass instead.
     """
     layers = decoder.layers
     # whoever observes the decoder's own forward or its norm gets the full pass too
@@ -105,30 +110,18 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
     if start is None:
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
         return hidden.gather(1, index)
-    x = embeds
-    if start > 0 or split is not None:  # the decoder's forward up to the input of layer `start`
-        store = {}
-
-        def stop(module, args, kwargs):
-            store["x"] = _layer_input(args, kwargs)
-            store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Below
-
-        handle = layers[start].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            decoder(inputs_embeds=embeds, attention_mask=attention_mask.long())
-        except _Below:
-            pass
-        finally:
-            handle.remove()
-        x = store["x"]
-    if split is not None:  # keys and values from every position, the rest on the read ones
-        layer, kwargs = layers[split], store["kwargs"]
-        h = layer.input_layernorm(x)
-        if _queries_at_supported(layer.self_attn, kwargs):
-            x = x.gather(1, index) + _attention_at(layer.self_attn, h, kwargs, positions)
-        else:
-            x = (x + layer.self_attn(hidden_states=h, **kwargs)[0]).gather(1, index)
+    unpadded = split is not None and _unpadded_supported(layers[:split + 1])
+    x, kwargs = embeds, {}
+    if start > 0 or split is not None:  # the decoder's forward up to the input of the first layer run here
+        x, kwargs = _decoder_input(decoder, 0 if unpadded else start, embeds, attention_mask)
+    if unpadded and _kwargs_supported(kwargs):
+        x = _unpadded_to_split(layers[:split + 1], x, kwargs, attention_mask, positions)
+        start = split + 1
+    elif split is not None:  # keys and values from every position, the rest on the read ones
+        for layer in layers[:split] if unpadded else ():  # Llama's layers, with what the decoder passes them
+            x = layer(x, **kwargs)
+        layer = layers[split]
+        x = (x + layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]).gather(1, index)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         start += 1
     else:
@@ -138,42 +131,103 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
     return decoder.norm(x)
 
 
-def _queries_at_supported(attn: nn.Module, kwargs: dict) -> bool:
-    """Whether `_attention_at` computes what `attn(**kwargs)` does: Llama's attention (rotary on
-    queries and keys, no sliding window), a dense or no mask, no attention dropout at work."""
+def _decoder_input(decoder: nn.Module, at: int, embeds: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The input of layer `at` in the decoder's own forward, and the other arguments it passes it."""
+    store = {}
+
+    def stop(module, args, kwargs):
+        store["x"] = _layer_input(args, kwargs)
+        store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Below
+
+    handle = decoder.layers[at].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        decoder(inputs_embeds=embeds, attention_mask=attention_mask.long())
+    except _Below:
+        pass
+    finally:
+        handle.remove()
+    return store["x"], store["kwargs"]
+
+
+def _unpadded_supported(layers: nn.ModuleList | list) -> bool:
+    """Whether `_unpadded_to_split` computes what these layers do: pruned layers, and Llama layers
+    whose attention `_attention` reproduces (rotary, no sliding window, SDPA or eager, no attention
+    dropout at work), with no hook on any of them."""
+    def llama(layer):
+        attn = getattr(layer, "self_attn", None)
+        return (type(layer).__name__ == "LlamaDecoderLayer" and type(attn).__name__ == "LlamaAttention"
+                and attn.config._attn_implementation in ("sdpa", "eager")
+                and not (attn.training and attn.attention_dropout > 0))
+    # a hook below the split observes the decoder's own layout ([B, T, D], the layer's forward)
+    return not _observed(*layers) and all(isinstance(layer, PrunedDecoderLayer) or llama(layer) for layer in layers)
+
+
+def _kwargs_supported(kwargs: dict) -> bool:
+    """Whether the arguments the Llama decoder passed its first layer are those `_attention` reads:
+    rotary (cos, sin) and a dense [B, 1, T, T] mask, or none (causal, no padding)."""
     mask = kwargs.get("attention_mask")
-    return (type(attn).__name__ == "LlamaAttention"
-            and attn.config._attn_implementation in ("sdpa", "eager")
-            and not (attn.training and attn.attention_dropout > 0)
-            and isinstance(kwargs.get("position_embeddings"), tuple)
+    return (isinstance(kwargs.get("position_embeddings"), tuple)
             and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)))
 
 
-def _attention_at(attn: nn.Module, h: torch.Tensor, kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
-    """Llama's attention output `attn(h, **kwargs)[0]` at `positions` [B, n] only: keys and values
-    from every position, the attention and the output projection for the read queries only.
+def _unpadded_to_split(layers: list, x: torch.Tensor, kwargs: dict, real: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+    """The residual stream after `layers` (the last one being the split layer) at `positions` [B, n]:
+    [B, n, D]. Each layer below the split runs on the real positions (`real` [B, T] True) packed as
+    [N, D]; the attention kernel alone sees the padded [B, T] layout. The split layer's attention,
+    output projection and MLP run for the read positions only (those that are padding start from 0)."""
+    b, t, d = x.shape
+    at = real.reshape(-1).nonzero().squeeze(1)  # packed -> padded index
+    x = x.reshape(b * t, d).index_select(0, at)
 
-    The query projection still runs on every position: a LoRA adapter on it draws its dropout mask
-    for the whole input, so training consumes the random stream as the full pass does."""
-    b, t, _ = h.shape
-    n, d = positions.shape[1], attn.head_dim
-    q = attn.q_proj(h)
-    q = q.gather(1, positions[:, :, None].expand(-1, -1, q.shape[-1])).view(b, n, -1, d).transpose(1, 2)
-    k = attn.k_proj(h).view(b, t, -1, d).transpose(1, 2)
-    v = attn.v_proj(h).view(b, t, -1, d).transpose(1, 2)
+    def padded(y: torch.Tensor) -> torch.Tensor:  # [N, F] -> [B, T, F], zeros at the padding
+        return y.new_zeros(b * t, y.shape[-1]).index_copy(0, at, y).view(b, t, -1)
+
+    *below, top = layers
+    for layer in below:
+        if isinstance(layer, PrunedDecoderLayer):
+            x = layer(x)
+            continue
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        out = _attention(attn, padded(attn.q_proj(h)), padded(attn.k_proj(h)), padded(attn.v_proj(h)), kwargs)
+        x = x + attn.o_proj(out.reshape(b * t, -1).index_select(0, at))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    attn, h = top.self_attn, top.input_layernorm(x)
+    read = positions[:, :, None].expand(-1, -1, d)
+    q = attn.q_proj(padded(h).gather(1, read))
+    out = _attention(attn, q, padded(attn.k_proj(h)), padded(attn.v_proj(h)), kwargs, positions)
+    x = padded(x).gather(1, read) + attn.o_proj(out)
+    return x + top.mlp(top.post_attention_layernorm(x))
+
+
+def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Llama's attention before its output projection, [B, n, H d], from the projections in the
+    padded layout: keys and values [B, T, .] at every position, queries [B, n, .] at `positions`
+    [B, n] (None: n = T, every position). `kwargs` are those the decoder passes its layers."""
+    b, t, _ = k.shape
+    n, d = q.shape[1], attn.head_dim
+    q, k, v = q.view(b, n, -1, d).transpose(1, 2), k.view(b, t, -1, d).transpose(1, 2), v.view(b, t, -1, d).transpose(1, 2)
     cos, sin = (c.expand(b, -1, -1) for c in kwargs["position_embeddings"])  # [B or 1, T, d]
-    at = positions[:, :, None].expand(-1, -1, cos.shape[-1])
-    q = q * cos.gather(1, at)[:, None] + rotate_half(q) * sin.gather(1, at)[:, None]
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    mask = kwargs.get("attention_mask")
+    if positions is not None:
+        at = positions[:, :, None].expand(-1, -1, cos.shape[-1])
+        cos, sin = cos.gather(1, at), sin.gather(1, at)
+    q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    mask, causal = kwargs.get("attention_mask"), False
     if mask is None:  # the decoder's causal mask, with no padding to hide
-        mask = positions[:, None, :, None] >= torch.arange(t, device=h.device)
-    else:  # the rows of the read positions
+        if positions is None:
+            causal = True
+        else:
+            mask = positions[:, None, :, None] >= torch.arange(t, device=k.device)
+    elif positions is not None:  # the rows of the read positions
         mask = mask.expand(b, -1, -1, -1)
         mask = mask.gather(2, positions[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-    return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)
+    return out.transpose(1, 2).reshape(b, n, -1)
 
 
 def prune_layers(layers: nn.ModuleList, weights: dict[int, torch.Tensor | None]) -> None:
