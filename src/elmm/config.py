@@ -155,12 +155,12 @@ class LoraParams:
 
 @dataclass
 class TrainParams:
-    lr: float = 1e-3
-    epochs: int = 4
+    lr: float = 3e-4
+    epochs: int = 10
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int | None = None
-    patience: int = 2  # stop after this many epochs without a better validation MRR; 0 = train every epoch
+    patience: int = 0  # stop after this many epochs without a better validation MRR; 0 = train every epoch
     negatives: int = 32
     self_denoise: bool = True
     warmup_steps: int = 20
