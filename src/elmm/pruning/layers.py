@@ -94,10 +94,11 @@ def hidden_at(decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Te
     positions instead of the whole sequence (the same function; ELMM reads the image block and two
     text positions, about a quarter of the sequence). Below it, Llama's layers (`_unpadded_supported`)
     run on the real positions only: the residual stream, the projections and the MLPs skip the
-    padding (about 15% of a training batch), which only the attention kernel sees, as masked keys.
-    Other layer types below it run through the decoder's own forward. Where no layer can be split
-    (see `split_layer`), the pruned top alone runs on the read positions. A forward hook on any of
-    the layers run on the read positions, on the decoder or on its norm gets the full pass instead.
+    padding (about 14% of a training batch on the default world), which only the attention kernel
+    sees, as masked keys. Other layer types below it run through the decoder's own forward. Where no
+    layer can be split (see `split_layer`), the pruned top alone runs on the read positions. A
+    forward hook on the decoder, on its norm or on a layer at or above the split gets the full pass
+    instead; one on a layer below the split gets the decoder's own forward below the split.
     """
     layers = decoder.layers
     # whoever observes the decoder's own forward or its norm gets the full pass too
