@@ -200,6 +200,25 @@ def test_hidden_at_lets_a_hook_below_the_split_see_the_padded_layer(load_micro_b
     assert_close(out, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_hidden_at_falls_back_when_the_decoder_passes_other_arguments(load_micro_backbone, batches,
+                                                                     monkeypatch) -> None:
+    """If the Llama decoder ever passes its layers arguments `_attention` does not read (another
+    transformers version), the layers below the split run whole with those arguments: the real
+    positions read still get the full pass's values."""
+    bb = load_micro_backbone()
+    bb.decoder.double()
+    monkeypatch.setattr(pruning_layers, "_kwargs_supported", lambda kwargs: False)
+    batch = batches[0]
+    b, t = batch["decoder_mask"].shape
+    positions = torch.tensor([[0, 1, 4]] * b)
+    real = batch["decoder_mask"].gather(1, positions)
+    with torch.no_grad():
+        out = hidden_at(bb.decoder, batch["embeds"].double(), batch["decoder_mask"], positions)
+        whole = bb.decoder(inputs_embeds=batch["embeds"].double(), attention_mask=batch["decoder_mask"].long())
+    whole = whole.last_hidden_state.gather(1, positions[:, :, None].expand(-1, -1, bb.hidden_size))
+    assert_close(out[real], whole[real], rtol=1e-10, atol=1e-12)
+
+
 def test_prune_without_compensation_equals_zeroed_attention(load_micro_backbone, batches) -> None:
     """prune_layers with W=None == the unpruned model with those attention outputs set to zero."""
     pruned, ref = load_micro_backbone(), load_micro_backbone()
