@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from _common import device, params, parse_args, setup
-from elmm.baselines import check_against_ceilings, format_against_baselines, read_against_baselines
+from elmm.baselines import GroupPrecision, check_against_ceilings, format_against_baselines, read_against_baselines
 from elmm.evaluation import TIE_ATOL, TIE_RTOL
 from elmm.io import read_json, write_json
 from elmm.kg.queries import FilterIndex, queries_from_triples
@@ -66,12 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print("evaluate: faiss is not installed; data/index holds index.json only and no recall is reported")
 
+    group = GroupPrecision.of_kg(kg)  # synthetic world only: share of the top 10 in the answer's pool
+
     def on_batch(q, out, known):
         for meter in meters.values():
             meter(q, out, known)
+        if group is not None:
+            group(q, out.scores.float(), known)
 
     res = evaluate_ranking(model, ws, queries, filters, ev.batch_size, precision=p.train.precision,
-                           desc="evaluate", on_batch=on_batch if meters else None)
+                           desc="evaluate", on_batch=on_batch if meters or group is not None else None)
     m = res.metrics
     r = res.ranks
     write_rank_table(ranks_path(ev.split), r["relation"], r["direction"], queries.anchors, queries.targets,
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "index": index_report,
     }
+    if group is not None:
+        report["group_precision"] = group.result()
     # Every result beside its floor, KGE and ceiling; a score above its ceiling is a leak.
     violations = []
     if Path(BASELINES).is_file():
@@ -138,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
               f"({r['count']} queries)")
     if "against_baselines" in report:
         print(format_against_baselines(report["against_baselines"]))
+    if group is not None:
+        g = report["group_precision"]
+        for name, sides in g["per_relation"].items():
+            print(f"evaluate:   {name:24s} in-group precision@{g['k']}: " + "  ".join(
+                f"{side} {e['precision']:.3f} (chance {e['chance']:.3f})" for side, e in sides.items()))
     if violations:
         for v in violations:
             print(f"evaluate: LEAK? {v.relation} {v.side}: MRR {v.score:.4f} is more than 3 SE above its Bayes "

@@ -130,6 +130,39 @@ def test_bayes_ceilings_on_a_hand_built_world():
     assert c["mrr"] == pytest.approx((0.75 + 1 + 1 + 1 + 0.5 + 1) / 6, abs=1e-6)
 
 
+def test_filtered_topk_keeps_the_target_and_breaks_ties_by_lower_id():
+    from elmm.baselines import filtered_topk
+
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 2.0, 5.0]])
+    known = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    # row 0: 0 is filtered, 2 is known but the target (kept); all tie -> ids in order, -1 past the 3 left
+    # row 1: 1 filtered, 2 the target: 3 (5.0), 2 (2.0), 0 (0.0)
+    top = filtered_topk(scores, known, torch.tensor([2, 2]), 4)
+    assert top.tolist() == [[1, 2, 3, -1], [3, 2, 0, -1]]
+
+
+def test_group_precision_on_a_hand_built_world():
+    from elmm.baselines import GroupPrecision
+
+    queries = queries_from_triples(TRIPLES["test"])
+    filters = FilterIndex(np.concatenate([TRIPLES[s] for s in SPLITS]), 4)
+    meter = GroupPrecision(_latent(), ENTITY_IDS, RELATION_IDS, NAMES, WORLD_PARAMS, k=2)
+    scorer = lambda batch: torch.tensor([[4.0, 3.0, 2.0, 1.0]] * len(batch))  # noqa: E731  (0 first, 3 last)
+    rank_queries(scorer, queries, filters, batch_size=4, on_batch=meter)  # two batches: the meter accumulates
+    out = meter.result()
+    # Pools (one community): tail of h -> the objects but h; head of t -> the objects but t. Top 2:
+    # (0,knows,?)->1: nothing filtered but the target -> [0, 1], pool {1, 2}: 1/2; chance 2 of 4.
+    # (1,knows,?)->2: 0 filtered (train) -> [1, 2], pool {0, 2}: 1/2; chance {2} of {1, 2, 3}.
+    # (?,knows,1)->0: [0, 1], pool {0, 2}: 1/2; chance 2/4.   (?,knows,2)->1: [0, 1], pool {0, 1}: 1; chance 2/4.
+    knows = out["per_relation"]["knows"]
+    assert knows["tail"] == {"precision": 0.5, "precision_se": 0.0, "chance": pytest.approx((0.5 + 1 / 3) / 2,
+                                                                                        abs=1e-6), "count": 2}
+    assert knows["head"]["precision"] == 0.75 and knows["head"]["chance"] == 0.5 and knows["head"]["count"] == 2
+    assert knows["head"]["precision_se"] == pytest.approx(np.std([0.5, 1], ddof=1) / math.sqrt(2), abs=1e-6)
+    assert "has colour" not in out["per_relation"]  # attribute relations have no pool
+    assert out["k"] == 2 and out["overall"]["count"] == 4 and out["overall"]["precision"] == 0.625
+
+
 def _prior(k: int, pool: int, lam: float) -> float:
     poisson = [math.exp(-lam) * lam**j / math.factorial(j) for j in range(pool)]
     return poisson[k - 1] if k < pool else 1 - sum(poisson[: pool - 1])
@@ -234,6 +267,14 @@ def test_stage_writes_metrics_and_rank_tables_without_kge(tmp_path, micro_kg, ru
     assert check_against_ceilings(report["prior"]["per_relation"], report["ceiling"]["per_relation"]) == []
     attribute = report["ceiling"]["per_relation"]["has colour"]
     assert attribute["tail"]["mrr"] == attribute["head"]["mrr"] == 1
+    group = report["prior"]["group_precision"]  # one row per structure query
+    structure = {"knows", "works with", "rival of"}
+    assert set(group["per_relation"]) == structure
+    for name in structure:
+        for side in ("tail", "head"):
+            entry = group["per_relation"][name][side]
+            assert entry["count"] == report["prior"]["per_relation"][name][side]["count"]
+            assert 0 <= entry["precision"] <= 1 and 0 < entry["chance"] < 1
 
 
 def test_ceilings_are_absent_for_real_data(tmp_path, micro_kg):

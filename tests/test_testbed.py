@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from elmm.testbed import control_table, floor_table, group_of, report
+from elmm.testbed import control_table, floor_table, group_of, group_table, report
 
 RELATIONS = ["has colour", "knows"]  # modality image, structure (elmm.kg.synthetic.RELATIONS)
 
@@ -91,6 +91,20 @@ def test_floor_table_has_each_side_overall():
     assert head["n"] == 4 and head["model"] == pytest.approx((1 / 2 + 1 / 4 + 1 + 1 / 2) / 4)
     assert head["kge"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2 + 1) / 4) and head["vs_kge"] == pytest.approx(0.0)
     assert rows[("overall", "tail")]["model"] == pytest.approx((1 + 1 + 1 + 1 / 2) / 4)
+
+
+def test_group_table_averages_the_seeds_that_report_it():
+    def block(p):
+        return {"k": 10, "per_relation": {"knows": {"tail": {"precision": p, "chance": 0.1}}}}
+
+    rows = [dict(r, metrics=dict(r["metrics"])) for r in ROWS]
+    rows[0]["metrics"]["group_precision"] = block(0.6)
+    rows[0]["baselines"] = dict(rows[0]["baselines"], kge={"group_precision": block(0.9)})
+    rows[1]["metrics"]["group_precision"] = block(0.2)  # no KGE block at this seed
+    table = group_table(group_of(rows, {}))
+    assert table == [{"relation": "knows", "side": "tail", "seeds": 2, "model": pytest.approx(0.4), "prior": None,
+                      "kge": 0.9, "chance": pytest.approx(0.1), "k": 10}]
+    assert "In-group precision@10" in report(rows, read=read) and "In-group" not in report(ROWS, read=read)
 
 
 def test_report_of_another_group():

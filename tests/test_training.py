@@ -279,6 +279,13 @@ def test_evaluate_json_has_every_field(fresh) -> None:
     assert info["recall_at_k"] == index["recall_at_k"] and not {"build_seconds", "ms_per_query"} & set(info)
     train = json.loads((fresh("uniform") / "metrics/train/metrics.json").read_text())
     assert train["steps"] == 20 and train["epochs"] == 2 and "valid" in train
+    group = ev["group_precision"]  # the micro world is synthetic: the structure relations' top-10 pools
+    assert group["k"] == 10
+    for name, sides in group["per_relation"].items():
+        for side, entry in sides.items():
+            assert entry["count"] == ev["per_relation"][name][side]["count"]
+            assert 0 <= entry["precision"] <= 1 and 0 < entry["chance"] < 1
+    assert group["overall"]["count"] == sum(e["count"] for s in group["per_relation"].values() for e in s.values())
 
 
 def test_evaluate_writes_the_per_query_ranks(fresh, micro_env) -> None:

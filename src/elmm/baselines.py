@@ -46,7 +46,7 @@ from .rank_table import COLUMNS, write_rank_table
 __all__ = [
     "SIDES", "HITS", "RANK_COLUMNS", "CeilingViolation", "rank_queries", "frequency_prior_scorer", "metrics_table",
     "expected_rank_values", "remaining_edges", "structure_weight", "oracle_weights", "bayes_ceilings",
-    "kg_ceilings", "check_against_ceilings", "write_ranks_csv",
+    "kg_ceilings", "check_against_ceilings", "GroupPrecision", "filtered_topk", "write_ranks_csv",
 ]
 
 #: Side names; index = the direction code of elmm.kg.queries (TAIL = 0, HEAD = 1).
@@ -67,13 +67,15 @@ RANK_CELLS = 2**21
 
 
 def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex, batch_size: int | None = None, *,
-                 exact: bool = False) -> dict[str, np.ndarray]:
+                 exact: bool = False, on_batch: Callable[[Queries, torch.Tensor, torch.Tensor], None] | None = None,
+                 ) -> dict[str, np.ndarray]:
     """Filtered ranks (elmm.evaluation.compute_ranks) of every query, in query order.
 
     `scorer(batch)` returns `[len(batch), num_entities]` scores (higher = better) for a batch of
     queries; by default a batch holds `RANK_CELLS` scores, so memory does not grow with the number
     of queries. Scores tie within the model's tolerance (`TIE_ATOL`, `TIE_RTOL`), or only when equal
     with `exact`. Returns numpy arrays `optimistic`, `pessimistic`, `realistic`, `candidates`.
+    `on_batch(batch, scores, known)` sees each batch's scores and filter mask (`GroupPrecision`).
     """
     batch_size = batch_size or max(1, RANK_CELLS // filters.num_entities)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("optimistic", "pessimistic", "realistic", "candidates")}
@@ -84,6 +86,8 @@ def rank_queries(scorer: Scorer, queries: Queries, filters: FilterIndex, batch_s
             raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(batch)}, {filters.num_entities})")
         mask = filters.mask(batch.anchors, batch.relations, batch.directions)
         ranks = compute_ranks(scores, batch.targets, mask, atol=0.0 if exact else TIE_ATOL, rtol=0.0 if exact else TIE_RTOL)
+        if on_batch is not None:
+            on_batch(batch, scores, mask)
         for key in parts:
             parts[key].append(ranks[key].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
@@ -343,6 +347,108 @@ def kg_ceilings(kg: KnowledgeGraph, split: str = "test") -> tuple[dict | None, s
     result = bayes_ceilings(kg.triples, pd.read_parquet(path), kg.entities["id"].tolist(), kg.relations["id"].tolist(),
                             kg.relations["name"].tolist(), kg.meta.get("params", {}), split)
     return result, "expected ranks of the Bayes oracle (latent attributes + rules + train graph), uniform tie-breaking"
+
+
+# ----------------------------------------------------------------------------- in-group precision
+
+
+def filtered_topk(scores: torch.Tensor, known: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k entity ids [B, k] among the filtered setting's candidates (every known answer removed
+    but the query's own target), best first; ties go to the lower id (a stable sort), so a scorer
+    that ties, like the prior, gets a reproducible list. -1 where fewer than k candidates remain."""
+    s = scores.detach().to(torch.float64).masked_fill(known.to(scores.device), float("-inf"))
+    rows = torch.arange(len(s), device=s.device)
+    s[rows, targets.to(s.device)] = scores.detach().to(torch.float64)[rows, targets.to(s.device)]
+    order = torch.sort(s, dim=1, descending=True, stable=True)
+    top, ids = order.values[:, :k], order.indices[:, :k]
+    ids = torch.where(torch.isfinite(top), ids, torch.full_like(ids, -1))
+    if ids.shape[1] < k:
+        ids = torch.cat([ids, ids.new_full((len(ids), k - ids.shape[1]), -1)], dim=1)
+    return ids.cpu()
+
+
+class GroupPrecision:
+    """In-group precision@k of the structure relations of a synthetic world, batch by batch.
+
+    The generator draws the answers of `(h, r, ?)` from h's pool (`knows`: h's community; `works
+    with`: its team; `rival of`: the next community), so the share of a query's filtered top-k that
+    lies in that pool says whether a model learnt the membership, whichever member it ranks first.
+    A head query `(?, r, t)` counts the candidates h whose pool holds t. `chance` is the same share
+    for a uniform draw from the filtered candidates (the anchor itself excluded from the pool).
+    Call it as an `on_batch` hook (`rank_queries`, `elmm.ranking.evaluate_ranking`) with the
+    scores and the filter mask; `result()` gives, per relation name and side, `precision`,
+    `precision_se` (sample sd over queries / sqrt(n)), `chance` and `count`, and `overall`.
+    """
+
+    def __init__(self, latent: pd.DataFrame, entity_ids: list[str], relation_ids: list[str],
+                 relation_names: list[str], params: Mapping[str, Any], k: int = 10):
+        self.k = k
+        self.world = _World(latent, list(entity_ids), params)
+        n = self.world.num_entities
+        # relation row -> (name, [pool group, member group] as tensors); only relations with a pool
+        self.relations = {}
+        for r, rid in enumerate(relation_ids):
+            if rid in STRUCTURE_DEGREE:
+                pool, member = self.world.groups(rid)
+                self.relations[r] = (relation_names[r], torch.tensor(pool), torch.tensor(member))
+        self.is_object = torch.tensor(self.world.is_object)
+        self.ids = torch.arange(n)
+        self.rows: list[tuple[int, int, float, float]] = []  # relation, direction, precision, chance
+
+    @classmethod
+    def of_kg(cls, kg: KnowledgeGraph, k: int = 10) -> GroupPrecision | None:
+        """The meter of a loaded KG, or None when it has no ground truth or no structure relation."""
+        path = Path(kg.root) / "latent.parquet"
+        if kg.meta.get("source") != "synthetic" or not path.is_file():
+            return None
+        meter = cls(pd.read_parquet(path), kg.entities["id"].tolist(), kg.relations["id"].tolist(),
+                    kg.relations["name"].tolist(), kg.meta.get("params", {}), k)
+        return meter if meter.relations else None
+
+    def plausible(self, anchor: int, relation: int, direction: int) -> torch.Tensor:
+        """[E] bool: the entities the generator could draw the answer from."""
+        _, pool, member = self.relations[relation]
+        if direction == TAIL:
+            mask = member == pool[anchor]
+        else:
+            mask = pool == member[anchor]
+        return mask & self.is_object & (self.ids != anchor)
+
+    def __call__(self, batch: Queries, scores: torch.Tensor, known: torch.Tensor) -> None:
+        keep = [i for i, r in enumerate(batch.relations.tolist()) if r in self.relations]
+        if not keep:
+            return
+        sel = torch.tensor(keep)
+        targets = batch.targets[sel]
+        top = filtered_topk(scores[sel.to(scores.device)], known[sel.to(known.device)], targets, self.k)
+        candidates = ~known[sel.to(known.device)].cpu()
+        candidates[torch.arange(len(sel)), targets] = True
+        for j, i in enumerate(keep):
+            a, r, d = int(batch.anchors[i]), int(batch.relations[i]), int(batch.directions[i])
+            plausible = self.plausible(a, r, d)
+            ids = top[j][top[j] >= 0]
+            precision = float(plausible[ids].float().mean()) if len(ids) else 0.0
+            chance = float((plausible & candidates[j]).sum() / max(1, int(candidates[j].sum())))
+            self.rows.append((r, d, precision, chance))
+
+    def result(self) -> dict[str, Any]:
+        rows = np.array(self.rows, dtype=np.float64).reshape(-1, 4)
+
+        def block(sel: np.ndarray) -> dict[str, Any] | None:
+            p, c = rows[sel, 2], rows[sel, 3]
+            if not len(p):
+                return None
+            se = float(p.std(ddof=1) / math.sqrt(len(p))) if len(p) > 1 else None
+            return {"precision": _round(float(p.mean())), "precision_se": _round(se),
+                    "chance": _round(float(c.mean())), "count": int(len(p))}
+
+        out: dict[str, Any] = {"k": self.k, "overall": block(np.ones(len(rows), bool)), "per_relation": {}}
+        for r, (name, _, _) in self.relations.items():
+            sides = {SIDES[d]: b for d in (TAIL, HEAD)
+                     if (b := block((rows[:, 0] == r) & (rows[:, 1] == d))) is not None}
+            if sides:
+                out["per_relation"][name] = sides
+        return out
 
 
 # ----------------------------------------------------------------------------- leak guard

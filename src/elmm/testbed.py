@@ -9,7 +9,8 @@ each test query's rank (metrics/ranks/model.csv) is paired with the same query's
 frequency prior and the KGE (metrics/ranks/prior.csv, kge.csv: every experiment commit carries
 them). Per relation and side the report gives the MRR of each, the paired difference to the prior
 and to the KGE with its standard error (the sd of the per-query differences pooled over the seeds,
-over sqrt(n)), and the Bayes ceiling with the largest excess over it in SE; then the positive
+over sqrt(n)), and the Bayes ceiling with the largest excess over it in SE; the in-group
+precision@10 of the structure relations beside the prior's, the KGE's and chance; then the positive
 control: Hits@1 per relation group of the default against the `no-attention` runs (K = L).
 """
 
@@ -137,6 +138,40 @@ def control_table(defaults: list[dict], controls: list[dict], relation_names: li
     return out
 
 
+def group_table(subject: list[dict]) -> list[dict]:
+    """In-group precision@k per structure relation and side (means over the seeds that report it):
+    the model's (`metrics/evaluate.json`), the prior's and the KGE's (`metrics/baselines.json`) and
+    a uniform draw's (`chance`); seeds without the block (runs from before it existed) are skipped."""
+    blocks = []
+    for r in subject:
+        base = r.get("baselines") or {}
+        blocks.append({"model": r["metrics"].get("group_precision"),
+                       "prior": (base.get("prior") or {}).get("group_precision"),
+                       "kge": (base.get("kge") or {}).get("group_precision")})
+    names = list(dict.fromkeys(n for b in blocks if b["model"] for n in b["model"]["per_relation"]))
+    out = []
+    for name in names:
+        for side in DIRECTIONS:
+            row: dict = {"relation": name, "side": side, "seeds": 0}
+            values: dict[str, list[float]] = {"model": [], "prior": [], "kge": [], "chance": []}
+            for b in blocks:
+                m = ((b["model"] or {}).get("per_relation") or {}).get(name, {}).get(side)
+                if not m:
+                    continue
+                row["seeds"] += 1
+                values["model"].append(m["precision"])
+                values["chance"].append(m["chance"])
+                for ref in ("prior", "kge"):
+                    e = ((b[ref] or {}).get("per_relation") or {}).get(name, {}).get(side)
+                    if e:
+                        values[ref].append(e["precision"])
+            if row["seeds"]:
+                row.update({k: float(np.mean(v)) if v else None for k, v in values.items()})
+                row["k"] = next(b["model"]["k"] for b in blocks if b["model"])
+                out.append(row)
+    return out
+
+
 def _f(x, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:+.1f}" if digits == 1 else f"{x:.{digits}f}")
 
@@ -161,6 +196,13 @@ def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = 
                      _f(r["ceiling_excess_se"], 1)])
     lines.append(_markdown(["relation", "side", "queries", "model", "prior", "z vs prior", "KGE", "z vs KGE",
                             "ceiling", "max z over ceiling"], body))
+    groups = group_table(subject)
+    if groups:
+        lines += ["", f"In-group precision@{groups[0]['k']} of the structure relations: the share of the filtered "
+                  "top list in the pool the generator draws the answer from (mean over the seeds that report it).", ""]
+        lines.append(_markdown(["relation", "side", "seeds", "model", "prior", "KGE", "chance"],
+                               [[g["relation"], g["side"], str(g["seeds"]), _fmt("mrr", g["model"]), _fmt("mrr", g["prior"]),
+                                 _fmt("mrr", g["kge"]), _fmt("mrr", g["chance"])] for g in groups]))
     layers = control_k if control_k is not None else max((r["params"]["prune"]["k"] for r in rows), default=None)
     controls = group_of(rows, {"prune.k": layers}) if layers is not None else []
     if controls:
