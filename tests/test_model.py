@@ -609,3 +609,54 @@ def test_entity_readout_position(micro_workspace, readout) -> None:
     d, p = ws.backbone.hidden_size, out.image_tokens
     pos = text.entity_pos if readout == "segment_end" else text.name_pos
     assert_close(seen["e"][:, d:2 * d], seen["h"][torch.arange(len(pos)), 1 + p + pos], **EXACT)
+
+
+def test_entity_token_starts_as_the_model_without_it(micro_workspace) -> None:
+    """model.entity_token=free adds a zero table and draws no random numbers: the same seed gives the
+    same weights and the same scores as the model without it."""
+    ws = micro_workspace
+    batch = make_batch(ws, _queries(ws, 4))
+    scores = {}
+    for kind in ("none", "free"):
+        torch.manual_seed(0)
+        model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token=kind)).eval()
+        with torch.no_grad():
+            scores[kind] = forward_batch(model, batch).scores
+    assert model.entity_tokens.shape == (ws.kg.num_entities, ws.backbone.hidden_size)
+    assert_close(scores["free"], scores["none"], **EXACT)
+    with pytest.raises(ValueError, match="model.entity_token"):
+        ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="tied"))
+
+
+def test_entity_token_enters_at_the_anchor_name_only_and_trains_the_anchor_rows(micro_workspace) -> None:
+    """The anchor's vector is added at its name's last token and nowhere else; the loss's gradient
+    reaches the rows of the batch's anchors only; the answer's vector never changes a score."""
+    ws = micro_workspace
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free"))
+    with torch.no_grad():
+        model.entity_tokens.normal_(0, 0.5)
+    q = _queries(ws, 4)
+    text = make_batch(ws, q)["text"]
+    embeds = ws.backbone.embed_tokens(text.ids)
+    added = model.add_entity_tokens(embeds, text) - embeds
+    rows = torch.arange(len(q))
+    assert_close(added[rows, text.name_pos], model.entity_tokens[q.anchors], rtol=0, atol=1e-6)  # (e + v) - e
+    added[rows, text.name_pos] = 0
+    assert added.abs().max() == 0
+
+    model.zero_grad()
+    out = forward_batch(model, make_batch(ws, q))
+    out.scores.sum().backward()
+    touched = model.entity_tokens.grad.abs().sum(1) > 0
+    assert touched.nonzero().flatten().tolist() == sorted(set(q.anchors.tolist()))
+
+    model.eval()
+    leak = _leak_query(ws)
+    answer, anchor = int(leak.targets[0]), int(leak.anchors[0])
+    with torch.no_grad():
+        base = forward_batch(model, make_batch(ws, leak)).scores
+        model.entity_tokens[answer] += 1.0
+        assert_close(forward_batch(model, make_batch(ws, leak)).scores, base, **EXACT)
+        model.entity_tokens[anchor] += 1.0
+        assert (forward_batch(model, make_batch(ws, leak)).scores - base).abs().max() > 1e-4

@@ -105,10 +105,12 @@ def test_add_lora_skips_fully_pruned_model(make_workspace) -> None:
 
 @pytest.mark.parametrize("model_params", [{}, {"mvtc": {"value": "low_rank", "value_rank": 3,
                                                            "text_query": "entity_relation"},
-                                                  "entity_readout": "name_end"}], ids=["default", "options"])
+                                                  "entity_readout": "name_end", "entity_token": "free"}],
+                         ids=["default", "options"])
 def test_save_load_trained_roundtrip(make_workspace, micro_env, tmp_path, model_params) -> None:
     """save_trained + load_trained into a fresh backbone reproduce the (perturbed) model's scores exactly
-    (also with the non-default MVTC value form, text query and E_entity position, which config.json keeps)."""
+    (also with the non-default MVTC value form, text query, E_entity position and entity token, which
+    config.json keeps)."""
     ws = make_workspace(micro_env.params_with(**model_params))
     dim = ws.backbone.hidden_size
     model, _ = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.05})
@@ -125,6 +127,7 @@ def test_save_load_trained_roundtrip(make_workspace, micro_env, tmp_path, model_
     assert loaded.config == model.config
     if model_params:
         assert (loaded.config.value, loaded.config.entity_readout) == ("low_rank", "name_end")
+        assert loaded.config.entity_token == "free" and loaded.entity_tokens.abs().sum() > 0  # perturbed, saved
     assert isinstance(fresh.backbone.layers[1], PrunedDecoderLayer)
     assert_close(fresh.backbone.layers[1].compensation, ws.backbone.layers[1].compensation, **EXACT)
     with torch.no_grad():

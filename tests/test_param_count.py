@@ -24,20 +24,21 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-@pytest.mark.parametrize(("value", "head", "compensation", "pruned"), [
-    ("per_head", "completion", "ridge", [1]),
-    ("shared", "completion", "none", [0, 2]),
-    ("low_rank", "lm_head", "ridge", []),
-    ("per_head", "completion", "ridge", [0, 1, 2]),  # every layer pruned: no LoRA
+@pytest.mark.parametrize(("value", "head", "compensation", "pruned", "entity_token"), [
+    ("per_head", "completion", "ridge", [1], "none"),
+    ("shared", "completion", "none", [0, 2], "free"),
+    ("low_rank", "lm_head", "ridge", [], "none"),
+    ("per_head", "completion", "ridge", [0, 1, 2], "none"),  # every layer pruned: no LoRA
 ])
-def test_report_from_shapes_equals_the_real_model(make_workspace, value, head, compensation, pruned) -> None:
+def test_report_from_shapes_equals_the_real_model(make_workspace, value, head, compensation, pruned,
+                                                   entity_token) -> None:
     """For a micro model with LoRA, pruned layers and compensation: the shape-only report equals
     `sum(p.numel())` of each component's parameters, part by part, and in total."""
     ws = make_workspace()
     d = ws.backbone.hidden_size
     prune_layers(ws.backbone.layers, {i: None if compensation == "none" else torch.zeros(d, d) for i in pruned})
     config = ELMMConfig(num_entities=ws.kg.num_entities, heads=2, head=head, pruned_layers=pruned,
-                        compensation=compensation, value=value, value_rank=3)
+                        compensation=compensation, value=value, value_rank=3, entity_token=entity_token)
     model = ELMM(ws.backbone, config)
     lora = add_lora(model, lora_config(4, 8, 0.0))
     trainable, total = set_trainable(model)
@@ -61,6 +62,8 @@ def test_report_from_shapes_equals_the_real_model(make_workspace, value, head, c
         assert report["components"]["completion"]["proj"] == _numel(model.completion.proj.parameters())
     else:
         expected["entity_embedding"] = _numel(model.entity_embedding.parameters())
+    if entity_token == "free":
+        expected["entity_tokens"] = model.entity_tokens.numel()
     expected["backbone_frozen"] = _numel(p for n, p in named.items() if n.startswith("llm.") and "lora_" not in n
                                         and not n.endswith(".compensation"))
     got = {c: v["total"] for c, v in report["components"].items()}

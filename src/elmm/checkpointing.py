@@ -68,6 +68,8 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
                                                       "max_image_tokens": m.max_image_tokens}}
     if m.knowledge.enabled:  # (only then, so that fingerprints of runs without it stay as they were)
         keys["model"]["knowledge"] = asdict(m.knowledge)
+    if m.entity_token != "none":  # (likewise)
+        keys["model"]["entity_token"] = m.entity_token
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for group in (inputs, code):
         files: list[Path] = []

@@ -120,6 +120,7 @@ class ModelParams:
     knowledge: KnowledgeParams = field(default_factory=KnowledgeParams)
     head: Literal["completion", "lm_head"] = "completion"
     entity_readout: Literal["segment_end", "name_end"] = "segment_end"  # the token E_entity is read at
+    entity_token: Literal["none", "free"] = "none"  # free: a learned vector per anchor entity added at its name's last token
     max_text_tokens: int = 32
     max_image_tokens: int = 256
 

@@ -64,6 +64,9 @@ ABLATIONS = {
     "name-readout": ["model.entity_readout=name_end"],
     "shared-value": ["model.mvtc.value=shared"],
     "low-rank-value": ["model.mvtc.value=low_rank"],
+    # a learned vector per anchor entity in the input (the anchor side's free row; docs/model.md)
+    "entity-token": ["model.entity_token=free"],
+    "entity-token-knowledge": ["model.entity_token=free", KNOWLEDGE_ON],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)

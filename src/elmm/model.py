@@ -25,6 +25,8 @@ Choices where the paper is silent (docs/model.md):
 - `knowledge` (off by default): MR-MKG's knowledge path (`elmm.knowledge`, docs/knowledge.md) puts
   T knowledge tokens from the anchor's training subgraph before the image block,
   [<s>, knowledge (T), I_image, I_text, text], and may add a graph term to the entity scores.
+- `entity_token: free` (off by default): a learned vector per entity, zero at start, added to the
+  input embedding of the anchor's name (its last token); the anchor side's free row.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ELMMConfig:
     value: str = "per_head"  # per_head | shared | low_rank: the MVTC value maps W^V
     value_rank: int = 8  # r of value=low_rank
     knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
+    entity_token: str = "none"  # none | free: a learned per-entity vector added at the anchor's name
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +85,7 @@ class ELMMConfig:
             value=m.mvtc.value,
             value_rank=m.mvtc.value_rank,
             knowledge=asdict(m.knowledge) if m.knowledge.enabled else {},
+            entity_token=m.entity_token,
         )
 
 
@@ -206,6 +210,10 @@ class ELMM(nn.Module):
             scale = float(backbone.decoder.embed_tokens.weight.detach().float().std())  # knowledge tokens start at it
             self.knowledge = KnowledgePath(dim, 3 * dim if c.head == "completion" else dim, knowledge_params(c.knowledge),
                                            token_scale=scale)
+        if c.entity_token not in ("none", "free"):
+            raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free)")
+        # Zeros, drawn from no RNG: the model starts as the one without it, with the same other weights.
+        self.entity_tokens = nn.Parameter(torch.zeros(c.num_entities, dim)) if c.entity_token == "free" else None
 
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
@@ -246,6 +254,8 @@ class ELMM(nn.Module):
         images, image_mask = self.image_block(patches.to(device), cls.to(device), slot_mask.to(device), text_embeds,
                                               self.query_mask(text).to(device))
         b, p = image_mask.shape
+        if self.entity_tokens is not None:  # after the image block: the text view's query stays the text's
+            text_embeds = self.add_entity_tokens(text_embeds, text)
         k, extra_loss = 0, None  # k: knowledge tokens before the image block
         if self.knowledge is not None:
             if knowledge is None:
@@ -278,6 +288,21 @@ class ELMM(nn.Module):
         else:
             scores = score_rows(rows, query, None if candidates is None else candidates.to(device))
         return QueryOutput(scores=scores, query=query, image_tokens=p, extra_loss=extra_loss)
+
+    def add_entity_tokens(self, text_embeds: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """`text_embeds` [B, L, D] with the anchor's own vector added at the last token of its name.
+
+        The anchor side's free row: a KGE model has one per entity on both sides, the completion
+        layer gives ELMM one on the answer side only, and the decoder must otherwise recover an
+        entity's graph neighbourhood from its name alone (docs/results.md, "Why the acceptance
+        fails"). Added to an existing token, not a new one, so positions and masks do not change.
+        """
+        if text.anchors is None or text.name_pos is None:
+            raise ValueError("model.entity_token=free needs TextBatch.anchors and name_pos (PromptBuilder fills them)")
+        device = text_embeds.device
+        vectors = gather_rows(self.entity_tokens, text.anchors.to(device)).to(text_embeds.dtype)  # [B, D]
+        at = torch.arange(text_embeds.shape[1], device=device)[None, :] == text.name_pos.to(device)[:, None]
+        return text_embeds + at.unsqueeze(-1).to(text_embeds.dtype) * vectors[:, None, :]
 
     def query_mask(self, text: TextBatch) -> torch.Tensor:
         """[B, L] the text tokens the text view's query pools: the whole prompt, or (text_query =

@@ -29,7 +29,7 @@ from .config import Params
 from .model import ELMMConfig
 from .model_io import LORA_TARGETS
 
-TRAINABLE = ("mvtc_text", "mvtc_image", "completion", "entity_embedding", "lora", "compensation")
+TRAINABLE = ("mvtc_text", "mvtc_image", "completion", "entity_embedding", "lora", "compensation", "entity_tokens")
 # The tiny default's vocabulary and image token (the tokenizer trained on the synthetic KG's text).
 TINY_VOCAB, TINY_IMAGE_TOKEN = 1024, 4
 
@@ -63,6 +63,8 @@ def _component(name: str) -> tuple[str, str] | None:
         return "completion", parts[1]
     if parts[0] == "entity_embedding":
         return "entity_embedding", "entities"
+    if parts[0] == "entity_tokens":
+        return "entity_tokens", "entity_tokens"
     if parts[0] == "llm":
         if "lora_" in name:
             return "lora", "lora"
@@ -133,6 +135,8 @@ def parameter_report(hf_config, config: ELMMConfig, lora_r: int | None) -> dict:
                                 "entities": 3 * dim * config.num_entities + config.num_entities}
     else:
         counts["entity_embedding"] = {"entities": dim * config.num_entities + config.num_entities}
+    if config.entity_token == "free":
+        counts["entity_tokens"] = {"entity_tokens": config.num_entities * dim}
     if lora_r is not None and len(pruned) < len(layers):
         lora = 0
         for i, layer in enumerate(layers):
@@ -164,7 +168,8 @@ def shape(name: str, value: str | None = None, value_rank: int | None = None,
     layers = hf.text_config.num_hidden_layers
     config = ELMMConfig(num_entities=entities or num_entities, heads=heads, head=p.model.head,
                         pruned_layers=list(range(layers - k, layers)), compensation=p.prune.compensation,
-                        value=value or p.model.mvtc.value, value_rank=value_rank or p.model.mvtc.value_rank)
+                        value=value or p.model.mvtc.value, value_rank=value_rank or p.model.mvtc.value_rank,
+                        entity_token=p.model.entity_token)
     return hf, config, p.train.lora.r
 
 

@@ -44,6 +44,7 @@ class TextBatch:
     entity_len: torch.Tensor  # [B] tokens in the entity segment
     name_pos: torch.Tensor | None = None  # [B] index of the entity name's last token
     query_mask: torch.Tensor | None = None  # [B, L] True on the entity-name and relation-phrase tokens
+    anchors: torch.Tensor | None = None  # [B] the anchor entities' rows (model.entity_token reads them)
 
 
 ANSWER_CUE = " answer:"  # closes the relation segment (and the pretraining corpus's triple lines)
@@ -121,4 +122,4 @@ class PromptBuilder:
             mask[i, : len(s)] = True
             query_mask[i, : len(f)] = torch.tensor(f, dtype=torch.bool)
         return TextBatch(ids, mask, torch.tensor(ent_pos), torch.tensor(rel_pos), torch.tensor(ent_len),
-                         torch.tensor(name_pos), query_mask)
+                         torch.tensor(name_pos), query_mask, anchors.detach().cpu().clone())
