@@ -99,6 +99,30 @@ def fresh(make_project, run_stage):
 
 
 # ---------------------------------------------------------------------------------------- pieces
+def test_entity_tables_get_their_own_learning_rate(make_workspace, micro_env) -> None:
+    """train.entity_lr_scale: the completion rows and the entity tokens in a group at lr x scale, the
+    rest at lr; at 1 one group, as before the option existed. The scheduler scales both alike."""
+    import dataclasses
+
+    from elmm.model import ELMM, ELMMConfig
+    from elmm.training import param_groups
+
+    ws = make_workspace()
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free"))
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("llm.")]
+    tp = micro_env.params.train
+    assert len(param_groups(named, tp)) == 1 and tp.entity_lr_scale == 1.0
+    groups = param_groups(named, dataclasses.replace(tp, entity_lr_scale=10.0))
+    tables = {id(model.completion.entities.weight), id(model.completion.entities.bias), id(model.entity_tokens)}
+    assert {id(p) for p in groups[1]["params"]} == tables and groups[1]["lr"] == tp.lr * 10
+    assert not tables & {id(p) for p in groups[0]["params"]} and "lr" not in groups[0]
+    opt = torch.optim.AdamW(groups, lr=tp.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(4, 20))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([tp.lr / 4, tp.lr * 10 / 4])
+    sched.step()
+    assert opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"] == pytest.approx(10)
+
+
 def test_lr_schedule_warmup_then_cosine() -> None:
     f = lr_lambda(4, 20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -157,6 +157,7 @@ class LoraParams:
 @dataclass
 class TrainParams:
     lr: float = 3e-4
+    entity_lr_scale: float = 1.0  # lr multiplier of the per-entity tables (completion rows, entity tokens)
     epochs: int = 10
     batch_size: int = 32
     grad_accum: int = 1
@@ -384,6 +385,7 @@ def validate(p: Params, num_layers: int | None = None) -> None:
 
     tr = p.train
     _require(tr.lr > 0, "train.lr", "must be > 0")
+    _require(tr.entity_lr_scale > 0, "train.entity_lr_scale", "must be > 0")
     _require(tr.epochs >= 1, "train.epochs", "must be at least 1")
     _require(tr.batch_size >= 1, "train.batch_size", "must be at least 1")
     _require(tr.grad_accum >= 1, "train.grad_accum", "must be at least 1")

@@ -67,6 +67,7 @@ ABLATIONS = {
     # a learned vector per anchor entity in the input (the anchor side's free row; docs/model.md)
     "entity-token": ["model.entity_token=free"],
     "entity-token-knowledge": ["model.entity_token=free", KNOWLEDGE_ON],
+    "entity-token-lr10": ["model.entity_token=free", "train.entity_lr_scale=10"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
