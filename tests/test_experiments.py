@@ -48,6 +48,19 @@ def test_runs_of_several_commits_count_each_params_set_once():
     assert merge_runs([first]) == first  # one commit: nothing merged away
 
 
+def test_a_param_added_later_takes_its_default_in_older_runs():
+    """A run of a commit before a param existed merges with the same run of a later commit whose
+    params.yaml has the param at its default; at another value it stays a changed param."""
+    first = load_experiments(json.dumps(SHOW))
+    later = json.loads(json.dumps(SHOW))
+    for rev, value in ((later[1], "none"), (later[1]["experiments"][0]["revs"][0], "free")):
+        rev["data"]["params"]["params.yaml"]["data"]["model"] = {"entity_token": value}
+    rows = merge_runs([first, load_experiments(json.dumps(later))])
+    assert [r["name"] for r in rows] == ["main", "k0", "k8", "k0"]  # main again: counted once; k0 + entity token: new
+    assert first[0]["params"]["model"]["entity_token"] == "none"  # filled from elmm.config's default
+    assert "entity_token" in markdown_table(rows)
+
+
 def test_table_shows_changed_params_and_metrics():
     table = markdown_table(load_experiments(json.dumps(SHOW)))
     lines = table.splitlines()

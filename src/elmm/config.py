@@ -120,7 +120,7 @@ class ModelParams:
     knowledge: KnowledgeParams = field(default_factory=KnowledgeParams)
     head: Literal["completion", "lm_head"] = "completion"
     entity_readout: Literal["segment_end", "name_end"] = "segment_end"  # the token E_entity is read at
-    entity_token: Literal["none", "free"] = "none"  # free: a learned vector per anchor entity added at its name's last token
+    entity_token: Literal["none", "free"] = "free"  # a learned vector per anchor entity added at its name's last token; none: off
     max_text_tokens: int = 32
     max_image_tokens: int = 256
 
@@ -157,7 +157,7 @@ class LoraParams:
 @dataclass
 class TrainParams:
     lr: float = 3e-4
-    entity_lr_scale: float = 1.0  # lr multiplier of the per-entity tables (completion rows, entity tokens)
+    entity_lr_scale: float = 10.0  # lr multiplier of the per-entity tables (completion rows, entity tokens)
     epochs: int = 10
     batch_size: int = 32
     grad_accum: int = 1

@@ -64,10 +64,11 @@ ABLATIONS = {
     "name-readout": ["model.entity_readout=name_end"],
     "shared-value": ["model.mvtc.value=shared"],
     "low-rank-value": ["model.mvtc.value=low_rank"],
-    # a learned vector per anchor entity in the input (the anchor side's free row; docs/model.md)
-    "entity-token": ["model.entity_token=free"],
-    "entity-token-knowledge": ["model.entity_token=free", KNOWLEDGE_ON],
-    "entity-token-lr10": ["model.entity_token=free", "train.entity_lr_scale=10"],
+    # the anchor's entity token (docs/model.md), on by default since it was measured: without it (the
+    # default before, as `entity-token-lr10` was queued against), and at the shared learning rate
+    # (queued as `entity-token` when the default was off)
+    "no-entity-token": ["model.entity_token=none", "train.entity_lr_scale=1"],
+    "entity-token-lr1": ["train.entity_lr_scale=1"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
@@ -109,7 +110,42 @@ def _row(name: str, data: dict) -> dict | None:
     params = data.get("params", {}).get("params.yaml", {}).get("data")
     if not metrics or not params:
         return None
-    return {"name": name, "rev": data.get("rev"), "params": params, "metrics": metrics}
+    return {"name": name, "rev": data.get("rev"), "params": with_defaults(params), "metrics": metrics}
+
+
+#: Params whose current default is not the behaviour before they existed, with that behaviour's
+#: value: a run made before the param was added is read with it (`with_defaults`).
+BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0}
+
+
+def _defaults_before_added() -> dict:
+    from .config import Params, to_dict
+
+    defaults = to_dict(Params())
+    for dotted, value in BEFORE_ADDED.items():
+        *path, leaf = dotted.split(".")
+        node = defaults
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return defaults
+
+
+def with_defaults(params: dict, defaults: dict | None = None) -> dict:
+    """`params` with every key it lacks filled in: from `BEFORE_ADDED`, else elmm.config's default. A
+    param added after a run was made thus reads as the value that behaves as the code did before it
+    existed (a new option's default keeps the old behaviour when it is added; `BEFORE_ADDED` records
+    the ones whose default changed since), so the run groups and merges with the same run of a later
+    commit."""
+    if defaults is None:
+        defaults = _defaults_before_added()
+    out = dict(params)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = with_defaults(out[k], v)
+    return out
 
 
 def load_experiments(show_json: str | None = None, all_commits: bool = False,

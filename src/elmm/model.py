@@ -25,7 +25,7 @@ Choices where the paper is silent (docs/model.md):
 - `knowledge` (off by default): MR-MKG's knowledge path (`elmm.knowledge`, docs/knowledge.md) puts
   T knowledge tokens from the anchor's training subgraph before the image block,
   [<s>, knowledge (T), I_image, I_text, text], and may add a graph term to the entity scores.
-- `entity_token: free` (off by default): a learned vector per entity, zero at start, added to the
+- `entity_token: free` (model.entity_token, on by default): a learned vector per entity, zero at start, added to the
   input embedding of the anchor's name (its last token); the anchor side's free row.
 """
 
