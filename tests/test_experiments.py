@@ -55,8 +55,11 @@ def test_a_param_added_later_takes_its_default_in_older_runs():
     later = json.loads(json.dumps(SHOW))
     for rev, value in ((later[1], "none"), (later[1]["experiments"][0]["revs"][0], "free")):
         rev["data"]["params"]["params.yaml"]["data"]["model"] = {"entity_token": value}
+    later[1]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] = 0.0003  # 3e-4 as written by `-S`: the same
     rows = merge_runs([first, load_experiments(json.dumps(later))])
     assert [r["name"] for r in rows] == ["main", "k0", "k8", "k0"]  # main again: counted once; k0 + entity token: new
+    later[1]["data"]["params"]["params.yaml"]["data"]["prune"]["k"] = 4.0  # an int read back as a float: the same
+    assert len(merge_runs([first, load_experiments(json.dumps(later))])) == 4
     assert first[0]["params"]["model"]["entity_token"] == "none"  # filled from elmm.config's default
     assert "entity_token" in markdown_table(rows)
 

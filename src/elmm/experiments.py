@@ -164,6 +164,16 @@ def load_experiments(show_json: str | None = None, all_commits: bool = False,
     return merge_runs([_rows_from_show(show) for show in shows], say=say)
 
 
+def _numbers_as_floats(tree):
+    """`tree` with every int as a float: `-S train.entity_lr_scale=10` writes 10 where params.yaml
+    has 10.0, the same value, which must not make two runs."""
+    if isinstance(tree, dict):
+        return {k: _numbers_as_floats(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_numbers_as_floats(v) for v in tree]
+    return float(tree) if isinstance(tree, int) and not isinstance(tree, bool) else tree
+
+
 def merge_runs(row_lists: Sequence[list[dict]], say=None) -> list[dict]:
     """The rows of several commits' experiments in order, each params set once (the first read)."""
     if len(row_lists) == 1:
@@ -171,7 +181,7 @@ def merge_runs(row_lists: Sequence[list[dict]], say=None) -> list[dict]:
     seen: dict[str, dict] = {}
     rows = []
     for row in (r for rows_ in row_lists for r in rows_):
-        key = json.dumps(row["params"], sort_keys=True)
+        key = json.dumps(_numbers_as_floats(row["params"]), sort_keys=True)
         if key in seen:
             if say:
                 say(f"{row['name']} ({row['rev'][:7]}): the params of {seen[key]['name']} "
