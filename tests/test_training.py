@@ -111,7 +111,7 @@ def test_entity_tables_get_their_own_learning_rate(make_workspace, micro_env) ->
     model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free"))
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("llm.")]
     tp = micro_env.params.train
-    assert len(param_groups(named, tp)) == 1 and tp.entity_lr_scale == 1.0
+    assert len(param_groups(named, dataclasses.replace(tp, entity_lr_scale=1.0))) == 1
     groups = param_groups(named, dataclasses.replace(tp, entity_lr_scale=10.0))
     tables = {id(model.completion.entities.weight), id(model.completion.entities.bias), id(model.entity_tokens)}
     assert {id(p) for p in groups[1]["params"]} == tables and groups[1]["lr"] == tp.lr * 10
