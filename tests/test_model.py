@@ -626,14 +626,20 @@ def test_entity_token_starts_as_the_model_without_it(micro_workspace) -> None:
     assert_close(scores["free"], scores["none"], **EXACT)
     with pytest.raises(ValueError, match="model.entity_token"):
         ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="tied"))
+    with pytest.raises(ValueError, match="model.entity_token_at"):
+        ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free",
+                                     entity_token_at="description"))
 
 
-def test_entity_token_enters_at_the_anchor_name_only_and_trains_the_anchor_rows(micro_workspace) -> None:
-    """The anchor's vector is added at its name's last token and nowhere else; the loss's gradient
-    reaches the rows of the batch's anchors only; the answer's vector never changes a score."""
+@pytest.mark.parametrize("where", ["name", "answer", "both"])
+def test_entity_token_enters_at_its_positions_only_and_trains_the_anchor_rows(micro_workspace, where) -> None:
+    """The anchor's vector is added at its name's last token and/or the answer cue
+    (model.entity_token_at) and nowhere else; the loss's gradient reaches the rows of the batch's
+    anchors only; the answer's vector never changes a score."""
     ws = micro_workspace
     torch.manual_seed(0)
-    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free"))
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free",
+                                         entity_token_at=where))
     with torch.no_grad():
         model.entity_tokens.normal_(0, 0.5)
     q = _queries(ws, 4)
@@ -641,8 +647,12 @@ def test_entity_token_enters_at_the_anchor_name_only_and_trains_the_anchor_rows(
     embeds = ws.backbone.embed_tokens(text.ids)
     added = model.add_entity_tokens(embeds, text) - embeds
     rows = torch.arange(len(q))
-    assert_close(added[rows, text.name_pos], model.entity_tokens[q.anchors], rtol=0, atol=1e-6)  # (e + v) - e
-    added[rows, text.name_pos] = 0
+    positions = {"name": [text.name_pos], "answer": [text.relation_pos],
+                 "both": [text.name_pos, text.relation_pos]}[where]
+    assert bool((text.name_pos != text.relation_pos).all())  # two distinct tokens: "both" adds it twice
+    for pos in positions:
+        assert_close(added[rows, pos], model.entity_tokens[q.anchors], rtol=0, atol=1e-6)  # (e + v) - e
+        added[rows, pos] = 0
     assert added.abs().max() == 0
 
     model.zero_grad()

@@ -70,6 +70,8 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
         keys["model"]["knowledge"] = asdict(m.knowledge)
     if m.entity_token != "none":  # (likewise)
         keys["model"]["entity_token"] = m.entity_token
+        if m.entity_token_at != "name":
+            keys["model"]["entity_token_at"] = m.entity_token_at
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for group in (inputs, code):
         files: list[Path] = []

@@ -69,6 +69,11 @@ ABLATIONS = {
     # (queued as `entity-token` when the default was off)
     "no-entity-token": ["model.entity_token=none", "train.entity_lr_scale=1"],
     "entity-token-lr1": ["train.entity_lr_scale=1"],
+    # where the vector enters: at the answer cue (E_relation's token) the layers' MLPs see it beside the
+    # relation attention brings; at the name it reaches that token only through attention
+    "entity-token-answer": ["model.entity_token_at=answer"],
+    "entity-token-both": ["model.entity_token_at=both"],
+    "entity-lr30": ["train.entity_lr_scale=30"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)

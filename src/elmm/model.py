@@ -26,7 +26,8 @@ Choices where the paper is silent (docs/model.md):
   T knowledge tokens from the anchor's training subgraph before the image block,
   [<s>, knowledge (T), I_image, I_text, text], and may add a graph term to the entity scores.
 - `entity_token: free` (model.entity_token, on by default): a learned vector per entity, zero at start, added to the
-  input embedding of the anchor's name (its last token); the anchor side's free row.
+  input embedding of the anchor's name (its last token; `entity_token_at`: or of the answer cue, or
+  both); the anchor side's free row.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ELMMConfig:
     value_rank: int = 8  # r of value=low_rank
     knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
     entity_token: str = "none"  # none | free: a learned per-entity vector added at the anchor's name
+    entity_token_at: str = "name"  # name | answer | both: the text token(s) it is added to
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +88,7 @@ class ELMMConfig:
             value_rank=m.mvtc.value_rank,
             knowledge=asdict(m.knowledge) if m.knowledge.enabled else {},
             entity_token=m.entity_token,
+            entity_token_at=m.entity_token_at,
         )
 
 
@@ -212,6 +215,8 @@ class ELMM(nn.Module):
                                            token_scale=scale)
         if c.entity_token not in ("none", "free"):
             raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free)")
+        if c.entity_token_at not in ("name", "answer", "both"):
+            raise ValueError(f"model.entity_token_at: unknown position {c.entity_token_at!r} (name, answer, both)")
         # Zeros, drawn from no RNG: the model starts as the one without it, with the same other weights.
         self.entity_tokens = nn.Parameter(torch.zeros(c.num_entities, dim)) if c.entity_token == "free" else None
 
@@ -290,18 +295,28 @@ class ELMM(nn.Module):
         return QueryOutput(scores=scores, query=query, image_tokens=p, extra_loss=extra_loss)
 
     def add_entity_tokens(self, text_embeds: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """`text_embeds` [B, L, D] with the anchor's own vector added at the last token of its name.
+        """`text_embeds` [B, L, D] with the anchor's own vector added at the last token of its name
+        (`entity_token_at: name`), at the closing answer cue where E_relation is read (`answer`), or
+        at both.
 
         The anchor side's free row: a KGE model has one per entity on both sides, the completion
         layer gives ELMM one on the answer side only, and the decoder must otherwise recover an
         entity's graph neighbourhood from its name alone (docs/results.md, "Why the acceptance
-        fails"). Added to an existing token, not a new one, so positions and masks do not change.
+        fails"). At the name it reaches E_relation only through attention; at the cue it is in that
+        position's residual stream, where the layers' MLPs can combine it with the relation that
+        attention brings. Added to existing tokens, not new ones, so positions and masks do not change.
         """
         if text.anchors is None or text.name_pos is None:
             raise ValueError("model.entity_token=free needs TextBatch.anchors and name_pos (PromptBuilder fills them)")
         device = text_embeds.device
         vectors = gather_rows(self.entity_tokens, text.anchors.to(device)).to(text_embeds.dtype)  # [B, D]
-        at = torch.arange(text_embeds.shape[1], device=device)[None, :] == text.name_pos.to(device)[:, None]
+        where = self.config.entity_token_at
+        positions = ([text.name_pos] if where in ("name", "both") else []) + \
+                    ([text.relation_pos] if where in ("answer", "both") else [])
+        columns = torch.arange(text_embeds.shape[1], device=device)[None, :]
+        at = torch.zeros(text_embeds.shape[:2], dtype=torch.bool, device=device)
+        for pos in positions:
+            at |= columns == pos.to(device)[:, None]
         return text_embeds + at.unsqueeze(-1).to(text_embeds.dtype) * vectors[:, None, :]
 
     def query_mask(self, text: TextBatch) -> torch.Tensor:
