@@ -69,8 +69,10 @@ ABLATIONS = {
     # (queued as `entity-token` when the default was off)
     "no-entity-token": ["model.entity_token=none", "train.entity_lr_scale=1"],
     "entity-token-lr1": ["train.entity_lr_scale=1"],
-    # where the vector enters: at the answer cue (E_relation's token) the layers' MLPs see it beside the
-    # relation attention brings; at the name it reaches that token only through attention
+    # where the vector enters: at the answer cue (E_relation's token, the default since it was
+    # measured) the layers' MLPs see it beside the relation attention brings; at the name (the
+    # default before) it reaches that token only through attention
+    "entity-token-name": ["model.entity_token_at=name"],
     "entity-token-answer": ["model.entity_token_at=answer"],
     "entity-token-both": ["model.entity_token_at=both"],
     "entity-lr30": ["train.entity_lr_scale=30"],
@@ -120,7 +122,7 @@ def _row(name: str, data: dict) -> dict | None:
 
 #: Params whose current default is not the behaviour before they existed, with that behaviour's
 #: value: a run made before the param was added is read with it (`with_defaults`).
-BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0}
+BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0, "model.entity_token_at": "name"}
 
 
 def _defaults_before_added() -> dict:

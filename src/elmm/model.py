@@ -64,7 +64,7 @@ class ELMMConfig:
     value_rank: int = 8  # r of value=low_rank
     knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
     entity_token: str = "none"  # none | free: a learned per-entity vector added at the anchor's name
-    entity_token_at: str = "name"  # name | answer | both: the text token(s) it is added to
+    entity_token_at: str = "name"  # name | answer | both: the token(s) it is added to (name: as models saved before it)
 
     def to_dict(self) -> dict:
         return asdict(self)
