@@ -26,8 +26,8 @@ Choices where the paper is silent (docs/model.md):
   T knowledge tokens from the anchor's training subgraph before the image block,
   [<s>, knowledge (T), I_image, I_text, text], and may add a graph term to the entity scores.
 - `entity_token: free` (model.entity_token, on by default): a learned vector per entity, zero at start, added to the
-  input embedding of the anchor's name (its last token; `entity_token_at`: or of the answer cue, or
-  both); the anchor side's free row.
+  input embedding of the closing answer cue, where E_relation is read (`entity_token_at: answer`, the
+  default), of the anchor name's last token (`name`), or of both; the anchor side's free row.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ELMMConfig:
     value: str = "per_head"  # per_head | shared | low_rank: the MVTC value maps W^V
     value_rank: int = 8  # r of value=low_rank
     knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
-    entity_token: str = "none"  # none | free: a learned per-entity vector added at the anchor's name
+    entity_token: str = "none"  # none | free: a learned per-entity vector added to the anchor's prompt
     entity_token_at: str = "name"  # name | answer | both: the token(s) it is added to (name: as models saved before it)
 
     def to_dict(self) -> dict:
