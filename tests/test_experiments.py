@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elmm.experiments import load_experiments, markdown_table, merge_runs, queue_commands, seed_table, sweep_rows
+from elmm.experiments import (
+    load_experiments,
+    markdown_table,
+    merge_runs,
+    queue_commands,
+    seed_groups,
+    seed_table,
+    sweep_rows,
+)
 
 
 def _rev(name, k, mrr, running=False, seed=0):
@@ -62,6 +70,24 @@ def test_a_param_added_later_takes_its_default_in_older_runs():
     assert len(merge_runs([first, load_experiments(json.dumps(later))])) == 4
     assert first[0]["params"]["model"]["entity_token"] == "none"  # filled from elmm.config's default
     assert "entity_token" in markdown_table(rows)
+
+
+def test_runs_of_two_commits_sharing_a_name_but_not_params_are_two_groups():
+    """`-n entity-lr30` queued from two commits with other defaults: two groups, not one with seed 0
+    twice; the later one is told apart by its commit."""
+    def run(name, rev, seed, where):
+        params = {"seed": seed, "model": {"entity_token_at": where}, "train": {"entity_lr_scale": 30.0}}
+        return {"name": name, "rev": rev, "params": params, "metrics": {"mrr": 0.1}}
+
+    base = {"name": "main", "rev": "c" * 40, "params": {"seed": 0, "model": {"entity_token_at": "answer"},
+                                                         "train": {"entity_lr_scale": 10.0}}, "metrics": {"mrr": 0.1}}
+    rows = [base, run("entity-lr30", "a" * 40, 0, "name"), run("entity-lr30", "b" * 40, 0, "answer"),
+            run("entity-lr30-s1", "b" * 40, 1, "answer")]
+    groups = seed_groups(rows)
+    assert [(name, len(members)) for name, _, members in groups] == [
+        ("main", 1), ("entity-lr30", 1), ("entity-lr30@bbbbbbb", 2)]
+    assert groups[1][1] == "model.entity_token_at=name, train.entity_lr_scale=30.0"
+    assert "entity-lr30 | model.entity_token_at=name" in markdown_table(rows, relations=False)
 
 
 def test_table_shows_changed_params_and_metrics():

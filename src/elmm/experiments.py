@@ -217,8 +217,9 @@ def _rows_from_show(show_json: str) -> list[dict]:
     return rows
 
 
-def _changed_params(rows: list[dict]) -> dict[str, dict[str, object]]:
-    """Per row, the params that differ from the first (baseline) row, as dotted keys."""
+def _changed_params(rows: list[dict]) -> list[dict[str, object]]:
+    """Per row (in order, not by name: runs of two commits may share a name), the params that
+    differ from the first (baseline) row, as dotted keys."""
     def flat(tree, prefix=""):
         out = {}
         for k, v in tree.items():
@@ -227,7 +228,7 @@ def _changed_params(rows: list[dict]) -> dict[str, dict[str, object]]:
         return out
 
     base = flat(rows[0]["params"]) if rows else {}
-    return {r["name"]: {k: v for k, v in flat(r["params"]).items() if base.get(k) != v} for r in rows}
+    return [{k: v for k, v in flat(r["params"]).items() if base.get(k) != v} for r in rows]
 
 
 def _relation_mrr(metrics: dict, relation: str, side: str) -> float | None:
@@ -260,11 +261,10 @@ def _markdown(head: list[str], body: list[list[str]]) -> str:
 
 def markdown_table(rows: list[dict], relations: bool = True, side: str = "both") -> str:
     """One line per experiment. `side`: per-relation MRR over both sides, or only tail/head queries."""
-    changed = _changed_params(rows)
     rel_names, cols = _columns(rows, relations, side)
     body = []
-    for r in rows:
-        cells = [r["name"], ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items()) or "(baseline)"]
+    for r, changes in zip(rows, _changed_params(rows)):
+        cells = [r["name"], ", ".join(f"{k}={v}" for k, v in changes.items()) or "(baseline)"]
         cells += [_fmt(k, v) for k, v in zip(METRICS + tuple(rel_names), _values(r["metrics"], rel_names, side))]
         body.append(cells)
     return _markdown(["experiment", "changed params"] + cols, body)
@@ -273,12 +273,17 @@ def markdown_table(rows: list[dict], relations: bool = True, side: str = "both")
 def seed_groups(rows: list[dict], seed_key: str = "seed") -> list[tuple[str, str, list[dict]]]:
     """Rows grouped by their changed params other than the seed: (name, changes, members), in
     first-seen order. The group's name is its first member's without a `-s<seed>` suffix (the
-    baseline's for the full model)."""
-    changed = _changed_params(rows)
+    baseline's for the full model); a name an earlier group has (a run of another commit, other
+    params) gets `@<its commit>`."""
     groups: dict[str, tuple[str, list[dict]]] = {}
-    for r in rows:
-        key = ", ".join(f"{k}={v}" for k, v in changed[r["name"]].items() if k != seed_key)
-        groups.setdefault(key, (re.sub(r"-s\d+$", "", r["name"]), []))[1].append(r)
+    for r, changes in zip(rows, _changed_params(rows)):
+        key = ", ".join(f"{k}={v}" for k, v in changes.items() if k != seed_key)
+        if key not in groups:
+            name = re.sub(r"-s\d+$", "", r["name"])
+            if any(name == taken for taken, _ in groups.values()):
+                name = f"{name}@{(r.get('rev') or '')[:7]}"
+            groups[key] = (name, [])
+        groups[key][1].append(r)
     return [(name, key, members) for key, (name, members) in groups.items()]
 
 
@@ -440,11 +445,10 @@ def sweep_rows(rows: list[dict], param: str, seed_key: str = "seed", against=Non
     that point (`paired_comparison`, over the seeds both ran): `delta_mrr`, `delta_mrr_low`,
     `delta_mrr_high`, the same for `hits_at_1`, and `paired_seeds`.
     """
-    changed = _changed_params(rows)
     by_value: dict[object, list[dict]] = {}
-    for r in rows:
+    for r, changes in zip(rows, _changed_params(rows)):
         value = _get(r["params"], param)
-        if value is not None and set(changed[r["name"]]) <= {param, seed_key}:
+        if value is not None and set(changes) <= {param, seed_key}:
             by_value.setdefault(value, []).append(r)
     if against is not None and against not in by_value:
         raise SystemExit(f"--against {against!r}: no sweep point has {param} = {against!r} "

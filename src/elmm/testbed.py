@@ -37,8 +37,8 @@ def git_reader(row: dict, path: str) -> dict[str, np.ndarray]:
 
 def group_of(rows: list[dict], changes: dict[str, object]) -> list[dict]:
     """The rows whose params differ from the first row's exactly by `changes` (and the seed)."""
-    changed = _changed_params(rows)
-    return [r for r in rows if {k: v for k, v in changed[r["name"]].items() if k != "seed"} == changes]
+    return [r for r, changed in zip(rows, _changed_params(rows))
+            if {k: v for k, v in changed.items() if k != "seed"} == changes]
 
 
 def _pooled(diffs: list[np.ndarray]) -> tuple[float, float, int]:
