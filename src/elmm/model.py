@@ -92,6 +92,10 @@ class ELMMConfig:
         )
 
 
+#: model.entity_token_at: the TextBatch positions the anchor's vector is added at.
+ENTITY_TOKEN_AT = {"name": ("name_pos",), "answer": ("relation_pos",), "both": ("name_pos", "relation_pos")}
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Max over `dim` of the positions where mask is True; zero where no position is."""
     filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim)
@@ -215,8 +219,8 @@ class ELMM(nn.Module):
                                            token_scale=scale)
         if c.entity_token not in ("none", "free"):
             raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free)")
-        if c.entity_token_at not in ("name", "answer", "both"):
-            raise ValueError(f"model.entity_token_at: unknown position {c.entity_token_at!r} (name, answer, both)")
+        if c.entity_token_at not in ENTITY_TOKEN_AT:
+            raise ValueError(f"model.entity_token_at: unknown position {c.entity_token_at!r} ({', '.join(ENTITY_TOKEN_AT)})")
         # Zeros, drawn from no RNG: the model starts as the one without it, with the same other weights.
         self.entity_tokens = nn.Parameter(torch.zeros(c.num_entities, dim)) if c.entity_token == "free" else None
 
@@ -306,17 +310,15 @@ class ELMM(nn.Module):
         position's residual stream, where the layers' MLPs can combine it with the relation that
         attention brings. Added to existing tokens, not new ones, so positions and masks do not change.
         """
-        if text.anchors is None or text.name_pos is None:
-            raise ValueError("model.entity_token=free needs TextBatch.anchors and name_pos (PromptBuilder fills them)")
+        fields = ENTITY_TOKEN_AT[self.config.entity_token_at]
+        positions = [getattr(text, f) for f in fields]
+        if text.anchors is None or any(pos is None for pos in positions):
+            raise ValueError(f"model.entity_token=free needs TextBatch.anchors and {' and '.join(fields)} "
+                             "(PromptBuilder fills them)")
         device = text_embeds.device
         vectors = gather_rows(self.entity_tokens, text.anchors.to(device)).to(text_embeds.dtype)  # [B, D]
-        where = self.config.entity_token_at
-        positions = ([text.name_pos] if where in ("name", "both") else []) + \
-                    ([text.relation_pos] if where in ("answer", "both") else [])
         columns = torch.arange(text_embeds.shape[1], device=device)[None, :]
-        at = torch.zeros(text_embeds.shape[:2], dtype=torch.bool, device=device)
-        for pos in positions:
-            at |= columns == pos.to(device)[:, None]
+        at = torch.stack([columns == pos.to(device)[:, None] for pos in positions]).any(0)  # [B, L]
         return text_embeds + at.unsqueeze(-1).to(text_embeds.dtype) * vectors[:, None, :]
 
     def query_mask(self, text: TextBatch) -> torch.Tensor:
