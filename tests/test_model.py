@@ -629,6 +629,44 @@ def test_entity_token_starts_as_the_model_without_it(micro_workspace) -> None:
     with pytest.raises(ValueError, match="model.entity_token_at"):
         ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free",
                                      entity_token_at="description"))
+    with pytest.raises(ValueError, match="num_relations"):
+        ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="relational"))
+
+
+def test_relational_entity_token_scales_the_vector_by_its_relation_and_direction(micro_workspace) -> None:
+    """entity_token=relational starts as the free one (scale rows of ones, no random numbers drawn);
+    the vector added is e_anchor * s[direction * R + relation], elementwise; the loss's gradient
+    reaches the scale rows of the batch's (relation, direction) pairs only."""
+    ws = micro_workspace
+    r = ws.kg.num_relations
+    q = _queries(ws, 6)
+    batch = make_batch(ws, q)
+    models = {}
+    for kind in ("free", "relational"):
+        torch.manual_seed(0)
+        models[kind] = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token=kind,
+                                                    entity_token_at="answer", num_relations=r)).eval()
+        with torch.no_grad():
+            models[kind].entity_tokens.copy_(torch.linspace(-1, 1, models[kind].entity_tokens.numel())
+                                             .reshape(models[kind].entity_tokens.shape))
+    model = models["relational"]
+    assert model.relation_scales.shape == (2 * r, ws.backbone.hidden_size) and models["free"].relation_scales is None
+    with torch.no_grad():
+        assert_close(forward_batch(model, batch).scores, forward_batch(models["free"], batch).scores, **EXACT)
+        model.relation_scales.copy_(torch.rand(model.relation_scales.shape, generator=torch.Generator().manual_seed(1)))
+    text = batch["text"]
+    assert torch.equal(text.relations, q.relations) and torch.equal(text.directions, q.directions)
+    embeds = ws.backbone.embed_tokens(text.ids)
+    added = model.add_entity_tokens(embeds, text) - embeds
+    rows = torch.arange(len(q))
+    expected = model.entity_tokens[q.anchors] * model.relation_scales[q.directions * r + q.relations]
+    assert_close(added[rows, text.relation_pos], expected, rtol=0, atol=1e-6)
+
+    model.train()
+    model.zero_grad()
+    forward_batch(model, batch).scores.sum().backward()
+    touched = model.relation_scales.grad.abs().sum(1) > 0
+    assert touched.nonzero().flatten().tolist() == sorted(set((q.directions * r + q.relations).tolist()))
 
 
 @pytest.mark.parametrize("where", ["name", "answer", "both"])

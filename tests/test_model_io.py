@@ -34,7 +34,7 @@ from test_model import EXACT, _queries, perturb_
 def _pruned_lora_model(ws, pruned: dict[int, torch.Tensor | None], r: int = 4):
     prune_layers(ws.backbone.layers, pruned)
     torch.manual_seed(0)
-    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(pruned), "ridge")
+    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(pruned), "ridge", ws.kg.num_relations)
     model = ELMM(ws.backbone, config)
     added = add_lora(model, lora_config(r=r, alpha=2 * r, dropout=0.0))
     set_trainable(model)
@@ -106,7 +106,7 @@ def test_add_lora_skips_fully_pruned_model(make_workspace) -> None:
 
 @pytest.mark.parametrize("model_params", [{}, {"mvtc": {"value": "low_rank", "value_rank": 3,
                                                            "text_query": "entity_relation"},
-                                                  "entity_readout": "name_end", "entity_token": "free"}],
+                                                  "entity_readout": "name_end", "entity_token": "relational"}],
                          ids=["default", "options"])
 def test_save_load_trained_roundtrip(make_workspace, micro_env, tmp_path, model_params) -> None:
     """save_trained + load_trained into a fresh backbone reproduce the (perturbed) model's scores exactly
@@ -128,7 +128,9 @@ def test_save_load_trained_roundtrip(make_workspace, micro_env, tmp_path, model_
     assert loaded.config == model.config
     if model_params:
         assert (loaded.config.value, loaded.config.entity_readout) == ("low_rank", "name_end")
-        assert loaded.config.entity_token == "free" and loaded.entity_tokens.abs().sum() > 0  # perturbed, saved
+        assert loaded.config.entity_token == "relational" and loaded.entity_tokens.abs().sum() > 0  # perturbed, saved
+        assert_close(loaded.relation_scales, model.relation_scales, **EXACT)
+        assert (model.relation_scales != 1).any()
     assert isinstance(fresh.backbone.layers[1], PrunedDecoderLayer)
     assert_close(fresh.backbone.layers[1].compensation, ws.backbone.layers[1].compensation, **EXACT)
     with torch.no_grad():

@@ -27,6 +27,7 @@ def _numel(params) -> int:
 @pytest.mark.parametrize(("value", "head", "compensation", "pruned", "entity_token"), [
     ("per_head", "completion", "ridge", [1], "none"),
     ("shared", "completion", "none", [0, 2], "free"),
+    ("shared", "completion", "none", [1], "relational"),
     ("low_rank", "lm_head", "ridge", [], "none"),
     ("per_head", "completion", "ridge", [0, 1, 2], "none"),  # every layer pruned: no LoRA
 ])
@@ -38,7 +39,8 @@ def test_report_from_shapes_equals_the_real_model(make_workspace, value, head, c
     d = ws.backbone.hidden_size
     prune_layers(ws.backbone.layers, {i: None if compensation == "none" else torch.zeros(d, d) for i in pruned})
     config = ELMMConfig(num_entities=ws.kg.num_entities, heads=2, head=head, pruned_layers=pruned,
-                        compensation=compensation, value=value, value_rank=3, entity_token=entity_token)
+                        compensation=compensation, value=value, value_rank=3, entity_token=entity_token,
+                        num_relations=ws.kg.num_relations if entity_token == "relational" else 0)
     model = ELMM(ws.backbone, config)
     lora = add_lora(model, lora_config(4, 8, 0.0))
     trainable, total = set_trainable(model)
@@ -62,8 +64,9 @@ def test_report_from_shapes_equals_the_real_model(make_workspace, value, head, c
         assert report["components"]["completion"]["proj"] == _numel(model.completion.proj.parameters())
     else:
         expected["entity_embedding"] = _numel(model.entity_embedding.parameters())
-    if entity_token == "free":
-        expected["entity_tokens"] = model.entity_tokens.numel()
+    if entity_token != "none":
+        expected["entity_tokens"] = model.entity_tokens.numel() + _numel(
+            [model.relation_scales] if model.relation_scales is not None else [])
     expected["backbone_frozen"] = _numel(p for n, p in named.items() if n.startswith("llm.") and "lora_" not in n
                                         and not n.endswith(".compensation"))
     got = {c: v["total"] for c, v in report["components"].items()}

@@ -100,7 +100,7 @@ def fresh(make_project, run_stage):
 
 # ---------------------------------------------------------------------------------------- pieces
 def test_entity_tables_get_their_own_learning_rate(make_workspace, micro_env) -> None:
-    """train.entity_lr_scale: the completion rows and the entity tokens in a group at lr x scale, the
+    """train.entity_lr_scale: the completion rows, the entity tokens and their relation scales in a group at lr x scale, the
     rest at lr; at 1 one group, as before the option existed. The scheduler scales both alike."""
     import dataclasses
 
@@ -108,12 +108,14 @@ def test_entity_tables_get_their_own_learning_rate(make_workspace, micro_env) ->
     from elmm.training import param_groups
 
     ws = make_workspace()
-    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free"))
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="relational",
+                                         num_relations=ws.kg.num_relations))
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("llm.")]
     tp = micro_env.params.train
     assert len(param_groups(named, dataclasses.replace(tp, entity_lr_scale=1.0))) == 1
     groups = param_groups(named, dataclasses.replace(tp, entity_lr_scale=10.0))
-    tables = {id(model.completion.entities.weight), id(model.completion.entities.bias), id(model.entity_tokens)}
+    tables = {id(model.completion.entities.weight), id(model.completion.entities.bias), id(model.entity_tokens),
+              id(model.relation_scales)}
     assert {id(p) for p in groups[1]["params"]} == tables and groups[1]["lr"] == tp.lr * 10
     assert not tables & {id(p) for p in groups[0]["params"]} and "lr" not in groups[0]
     opt = torch.optim.AdamW(groups, lr=tp.lr)

@@ -76,6 +76,9 @@ ABLATIONS = {
     "entity-token-answer": ["model.entity_token_at=answer"],
     "entity-token-both": ["model.entity_token_at=both"],
     "entity-lr30": ["train.entity_lr_scale=30"],
+    # the vector scaled by a learned diagonal per relation and direction (DistMult's), so relations that
+    # group the same entities differently (knows: communities, works with: teams) can each read their part
+    "entity-token-relational": ["model.entity_token=relational"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)

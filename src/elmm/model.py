@@ -28,6 +28,9 @@ Choices where the paper is silent (docs/model.md):
 - `entity_token: free` (model.entity_token, on by default): a learned vector per entity, zero at start, added to the
   input embedding of the closing answer cue, where E_relation is read (`entity_token_at: answer`, the
   default), of the anchor name's last token (`name`), or of both; the anchor side's free row.
+  `entity_token: relational` scales it elementwise by a learned vector per relation and direction
+  (DistMult's relation diagonal), so one entity vector can serve relations that group entities
+  differently.
 """
 
 from __future__ import annotations
@@ -63,14 +66,16 @@ class ELMMConfig:
     value: str = "per_head"  # per_head | shared | low_rank: the MVTC value maps W^V
     value_rank: int = 8  # r of value=low_rank
     knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
-    entity_token: str = "none"  # none | free: a learned per-entity vector added to the anchor's prompt
+    entity_token: str = "none"  # none | free | relational: a learned per-entity vector added to the anchor's prompt
     entity_token_at: str = "name"  # name | answer | both: the token(s) it is added to (name: as models saved before it)
+    num_relations: int = 0  # the relational entity token's table has one row per relation and direction
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_params(cls, params, num_entities: int, pruned_layers=(), compensation: str = "none") -> ELMMConfig:
+    def from_params(cls, params, num_entities: int, pruned_layers=(), compensation: str = "none",
+                    num_relations: int = 0) -> ELMMConfig:
         m = params.model
         return cls(
             num_entities=num_entities,
@@ -89,6 +94,7 @@ class ELMMConfig:
             knowledge=asdict(m.knowledge) if m.knowledge.enabled else {},
             entity_token=m.entity_token,
             entity_token_at=m.entity_token_at,
+            num_relations=num_relations if m.entity_token == "relational" else 0,
         )
 
 
@@ -217,12 +223,17 @@ class ELMM(nn.Module):
             scale = float(backbone.decoder.embed_tokens.weight.detach().float().std())  # knowledge tokens start at it
             self.knowledge = KnowledgePath(dim, 3 * dim if c.head == "completion" else dim, knowledge_params(c.knowledge),
                                            token_scale=scale)
-        if c.entity_token not in ("none", "free"):
-            raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free)")
+        if c.entity_token not in ("none", "free", "relational"):
+            raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free, relational)")
+        if c.entity_token == "relational" and c.num_relations < 1:
+            raise ValueError("model.entity_token=relational needs ELMMConfig.num_relations (the KG's relation count)")
         if c.entity_token_at not in ENTITY_TOKEN_AT:
             raise ValueError(f"model.entity_token_at: unknown position {c.entity_token_at!r} ({', '.join(ENTITY_TOKEN_AT)})")
         # Zeros, drawn from no RNG: the model starts as the one without it, with the same other weights.
-        self.entity_tokens = nn.Parameter(torch.zeros(c.num_entities, dim)) if c.entity_token == "free" else None
+        self.entity_tokens = nn.Parameter(torch.zeros(c.num_entities, dim)) if c.entity_token != "none" else None
+        # Ones: at start the relational token is the free one. Row: direction * num_relations + relation.
+        self.relation_scales = (nn.Parameter(torch.ones(2 * c.num_relations, dim)) if c.entity_token == "relational"
+                                else None)
 
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
@@ -309,14 +320,24 @@ class ELMM(nn.Module):
         fails"). At the name it reaches E_relation only through attention; at the cue it is in that
         position's residual stream, where the layers' MLPs can combine it with the relation that
         attention brings. Added to existing tokens, not new ones, so positions and masks do not change.
+
+        `relational`: the vector times the (relation, direction)'s scale row, elementwise. The frozen
+        MLPs between it and the completion layer hardly make a relation-specific map of it, and
+        relations that group the same entities differently (`knows` by community, `works with` by
+        team) need one; a diagonal per relation is DistMult's, D parameters each.
         """
         fields = ENTITY_TOKEN_AT[self.config.entity_token_at]
-        positions = [getattr(text, f) for f in fields]
-        if text.anchors is None or any(pos is None for pos in positions):
-            raise ValueError(f"model.entity_token=free needs TextBatch.anchors and {' and '.join(fields)} "
+        needed = ("anchors", *fields, *(("relations", "directions") if self.relation_scales is not None else ()))
+        if any(getattr(text, f) is None for f in needed):
+            raise ValueError(f"model.entity_token={self.config.entity_token} needs TextBatch.{', '.join(needed)} "
                              "(PromptBuilder fills them)")
+        positions = [getattr(text, f) for f in fields]
         device = text_embeds.device
-        vectors = gather_rows(self.entity_tokens, text.anchors.to(device)).to(text_embeds.dtype)  # [B, D]
+        vectors = gather_rows(self.entity_tokens, text.anchors.to(device))  # [B, D]
+        if self.relation_scales is not None:
+            rows = text.directions.to(device) * self.config.num_relations + text.relations.to(device)
+            vectors = vectors * gather_rows(self.relation_scales, rows)
+        vectors = vectors.to(text_embeds.dtype)
         columns = torch.arange(text_embeds.shape[1], device=device)[None, :]
         at = torch.stack([columns == pos.to(device)[:, None] for pos in positions]).any(0)  # [B, L]
         return text_embeds + at.unsqueeze(-1).to(text_embeds.dtype) * vectors[:, None, :]

@@ -47,7 +47,7 @@ def build_model(ws: Workspace, pruning_path=None, seed: int | None = None, head:
     prune_layers(ws.backbone.layers, weights)
     if seed is not None:
         torch.manual_seed(seed)
-    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, layers, compensation)
+    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, layers, compensation, ws.kg.num_relations)
     if head is not None:
         config.head = head
     if not knowledge:

@@ -63,8 +63,8 @@ def _component(name: str) -> tuple[str, str] | None:
         return "completion", parts[1]
     if parts[0] == "entity_embedding":
         return "entity_embedding", "entities"
-    if parts[0] == "entity_tokens":
-        return "entity_tokens", "entity_tokens"
+    if parts[0] in ("entity_tokens", "relation_scales"):
+        return "entity_tokens", parts[0]
     if parts[0] == "llm":
         if "lora_" in name:
             return "lora", "lora"
@@ -135,8 +135,10 @@ def parameter_report(hf_config, config: ELMMConfig, lora_r: int | None) -> dict:
                                 "entities": 3 * dim * config.num_entities + config.num_entities}
     else:
         counts["entity_embedding"] = {"entities": dim * config.num_entities + config.num_entities}
-    if config.entity_token == "free":
+    if config.entity_token != "none":
         counts["entity_tokens"] = {"entity_tokens": config.num_entities * dim}
+        if config.entity_token == "relational":
+            counts["entity_tokens"]["relation_scales"] = 2 * config.num_relations * dim
     if lora_r is not None and len(pruned) < len(layers):
         lora = 0
         for i, layer in enumerate(layers):
@@ -159,17 +161,20 @@ def shape(name: str, value: str | None = None, value_rank: int | None = None,
     p = Params()
     if name == "tiny":
         hf = tiny_llava_config(p.model.tiny, TINY_VOCAB, 0, TINY_IMAGE_TOKEN)
-        heads, k, num_entities = p.model.mvtc.heads, p.prune.k, tiny_entities(p)
+        from .kg.synthetic import RELATIONS
+
+        heads, k, num_entities, num_relations = p.model.mvtc.heads, p.prune.k, tiny_entities(p), len(RELATIONS)
     elif name == "llava-1.5-7b":
         hf = llava_15_7b_config()
-        heads, k, num_entities = 32, 16, 14541
+        heads, k, num_entities, num_relations = 32, 16, 14541, 237
     else:
         raise ValueError(f"unknown shape {name!r} (tiny, llava-1.5-7b)")
     layers = hf.text_config.num_hidden_layers
     config = ELMMConfig(num_entities=entities or num_entities, heads=heads, head=p.model.head,
                         pruned_layers=list(range(layers - k, layers)), compensation=p.prune.compensation,
                         value=value or p.model.mvtc.value, value_rank=value_rank or p.model.mvtc.value_rank,
-                        entity_token=p.model.entity_token)
+                        entity_token=p.model.entity_token,
+                        num_relations=num_relations if p.model.entity_token == "relational" else 0)
     return hf, config, p.train.lora.r
 
 

@@ -45,6 +45,8 @@ class TextBatch:
     name_pos: torch.Tensor | None = None  # [B] index of the entity name's last token
     query_mask: torch.Tensor | None = None  # [B, L] True on the entity-name and relation-phrase tokens
     anchors: torch.Tensor | None = None  # [B] the anchor entities' rows (model.entity_token reads them)
+    relations: torch.Tensor | None = None  # [B] the queries' relations and directions (entity_token: relational)
+    directions: torch.Tensor | None = None
 
 
 ANSWER_CUE = " answer:"  # closes the relation segment (and the pretraining corpus's triple lines)
@@ -122,4 +124,5 @@ class PromptBuilder:
             mask[i, : len(s)] = True
             query_mask[i, : len(f)] = torch.tensor(f, dtype=torch.bool)
         return TextBatch(ids, mask, torch.tensor(ent_pos), torch.tensor(rel_pos), torch.tensor(ent_len),
-                         torch.tensor(name_pos), query_mask, anchors.detach().cpu().clone())
+                         torch.tensor(name_pos), query_mask, anchors.detach().cpu().clone(),
+                         relations.detach().cpu().clone(), directions.detach().cpu().clone())

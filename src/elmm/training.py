@@ -50,8 +50,9 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the `stop_after` test hook, as if the process had been killed after that step."""
 
 
-#: Parameters with one row per entity: a KGE model trains such tables at ~1e-2, LoRA at ~3e-4.
-ENTITY_TABLES = ("completion.entities.", "entity_embedding.", "entity_tokens")
+#: Parameters with one row per entity (and the relational entity token's rows per relation, as a
+#: KGE model's relation table): a KGE model trains such tables at ~1e-2, LoRA at ~3e-4.
+ENTITY_TABLES = ("completion.entities.", "entity_embedding.", "entity_tokens", "relation_scales")
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], tp: TrainParams) -> list[dict]:
