@@ -633,23 +633,25 @@ def test_entity_token_starts_as_the_model_without_it(micro_workspace) -> None:
         ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="relational"))
 
 
-def test_relational_entity_token_scales_the_vector_by_its_relation_and_direction(micro_workspace) -> None:
-    """entity_token=relational starts as the free one (scale rows of ones, no random numbers drawn);
-    the vector added is e_anchor * s[direction * R + relation], elementwise; the loss's gradient
-    reaches the scale rows of the batch's (relation, direction) pairs only."""
+@pytest.mark.parametrize("kind", ["relational", "complex"])
+def test_relational_entity_token_scales_the_vector_by_its_relation_and_direction(micro_workspace, kind) -> None:
+    """entity_token=relational / complex starts as the free one (rows of ones / of 1 + 0i, no random
+    numbers drawn); the vector added is e_anchor * s[direction * R + relation], elementwise, for
+    complex as D/2 complex numbers (checked with torch's complex product); the loss's gradient
+    reaches the rows of the batch's (relation, direction) pairs only."""
     ws = micro_workspace
     r = ws.kg.num_relations
     q = _queries(ws, 6)
     batch = make_batch(ws, q)
     models = {}
-    for kind in ("free", "relational"):
+    for name in ("free", kind):
         torch.manual_seed(0)
-        models[kind] = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token=kind,
+        models[name] = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token=name,
                                                     entity_token_at="answer", num_relations=r)).eval()
         with torch.no_grad():
-            models[kind].entity_tokens.copy_(torch.linspace(-1, 1, models[kind].entity_tokens.numel())
-                                             .reshape(models[kind].entity_tokens.shape))
-    model = models["relational"]
+            models[name].entity_tokens.copy_(torch.linspace(-1, 1, models[name].entity_tokens.numel())
+                                             .reshape(models[name].entity_tokens.shape))
+    model = models[kind]
     assert model.relation_scales.shape == (2 * r, ws.backbone.hidden_size) and models["free"].relation_scales is None
     with torch.no_grad():
         assert_close(forward_batch(model, batch).scores, forward_batch(models["free"], batch).scores, **EXACT)
@@ -659,7 +661,12 @@ def test_relational_entity_token_scales_the_vector_by_its_relation_and_direction
     embeds = ws.backbone.embed_tokens(text.ids)
     added = model.add_entity_tokens(embeds, text) - embeds
     rows = torch.arange(len(q))
-    expected = model.entity_tokens[q.anchors] * model.relation_scales[q.directions * r + q.relations]
+    e, scale = model.entity_tokens[q.anchors], model.relation_scales[q.directions * r + q.relations]
+    if kind == "relational":
+        expected = e * scale
+    else:
+        as_complex = lambda x: torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())  # noqa: E731
+        expected = torch.view_as_real(as_complex(e) * as_complex(scale)).flatten(-2)
     assert_close(added[rows, text.relation_pos], expected, rtol=0, atol=1e-6)
 
     model.train()

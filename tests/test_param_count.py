@@ -28,6 +28,7 @@ def _numel(params) -> int:
     ("per_head", "completion", "ridge", [1], "none"),
     ("shared", "completion", "none", [0, 2], "free"),
     ("shared", "completion", "none", [1], "relational"),
+    ("per_head", "lm_head", "none", [1], "complex"),
     ("low_rank", "lm_head", "ridge", [], "none"),
     ("per_head", "completion", "ridge", [0, 1, 2], "none"),  # every layer pruned: no LoRA
 ])
@@ -40,7 +41,7 @@ def test_report_from_shapes_equals_the_real_model(make_workspace, value, head, c
     prune_layers(ws.backbone.layers, {i: None if compensation == "none" else torch.zeros(d, d) for i in pruned})
     config = ELMMConfig(num_entities=ws.kg.num_entities, heads=2, head=head, pruned_layers=pruned,
                         compensation=compensation, value=value, value_rank=3, entity_token=entity_token,
-                        num_relations=ws.kg.num_relations if entity_token == "relational" else 0)
+                        num_relations=ws.kg.num_relations if entity_token in ("relational", "complex") else 0)
     model = ELMM(ws.backbone, config)
     lora = add_lora(model, lora_config(4, 8, 0.0))
     trainable, total = set_trainable(model)

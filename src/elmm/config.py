@@ -121,8 +121,8 @@ class ModelParams:
     head: Literal["completion", "lm_head"] = "completion"
     entity_readout: Literal["segment_end", "name_end"] = "segment_end"  # the token E_entity is read at
     # a learned vector per anchor entity, added at entity_token_at; relational: times a learned
-    # diagonal per relation and direction; none: off
-    entity_token: Literal["none", "free", "relational"] = "free"
+    # diagonal per relation and direction; complex: times a complex diagonal (ComplEx's); none: off
+    entity_token: Literal["none", "free", "relational", "complex"] = "free"
     entity_token_at: Literal["name", "answer", "both"] = "answer"  # added at the name's last token, the answer cue, or both
     max_text_tokens: int = 32
     max_image_tokens: int = 256

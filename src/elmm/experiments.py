@@ -79,6 +79,9 @@ ABLATIONS = {
     # the vector scaled by a learned diagonal per relation and direction (DistMult's), so relations that
     # group the same entities differently (knows: communities, works with: teams) can each read their part
     "entity-token-relational": ["model.entity_token=relational"],
+    # a complex diagonal (ComplEx's): a scaled rotation per plane can also map a group onto another
+    # (rival of: the next community), which a real diagonal cannot
+    "entity-token-complex": ["model.entity_token=complex"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)

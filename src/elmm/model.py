@@ -30,7 +30,8 @@ Choices where the paper is silent (docs/model.md):
   default), of the anchor name's last token (`name`), or of both; the anchor side's free row.
   `entity_token: relational` scales it elementwise by a learned vector per relation and direction
   (DistMult's relation diagonal), so one entity vector can serve relations that group entities
-  differently.
+  differently; `complex` multiplies its D/2 complex pairs by the row's (ComplEx's relation: a scaled
+  rotation per plane), which can also map one group onto another.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class ELMMConfig:
     value: str = "per_head"  # per_head | shared | low_rank: the MVTC value maps W^V
     value_rank: int = 8  # r of value=low_rank
     knowledge: dict = field(default_factory=dict)  # model.knowledge when enabled; {} = no knowledge path
-    entity_token: str = "none"  # none | free | relational: a learned per-entity vector added to the anchor's prompt
+    entity_token: str = "none"  # none | free | relational | complex: a learned per-entity vector added to the anchor's prompt
     entity_token_at: str = "name"  # name | answer | both: the token(s) it is added to (name: as models saved before it)
     num_relations: int = 0  # the relational entity token's table has one row per relation and direction
 
@@ -94,10 +95,12 @@ class ELMMConfig:
             knowledge=asdict(m.knowledge) if m.knowledge.enabled else {},
             entity_token=m.entity_token,
             entity_token_at=m.entity_token_at,
-            num_relations=num_relations if m.entity_token == "relational" else 0,
+            num_relations=num_relations if m.entity_token in RELATIONAL_TOKENS else 0,
         )
 
 
+#: model.entity_token kinds with a row per relation and direction.
+RELATIONAL_TOKENS = ("relational", "complex")
 #: model.entity_token_at: the TextBatch positions the anchor's vector is added at.
 ENTITY_TOKEN_AT = {"name": ("name_pos",), "answer": ("relation_pos",), "both": ("name_pos", "relation_pos")}
 
@@ -223,17 +226,22 @@ class ELMM(nn.Module):
             scale = float(backbone.decoder.embed_tokens.weight.detach().float().std())  # knowledge tokens start at it
             self.knowledge = KnowledgePath(dim, 3 * dim if c.head == "completion" else dim, knowledge_params(c.knowledge),
                                            token_scale=scale)
-        if c.entity_token not in ("none", "free", "relational"):
-            raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free, relational)")
-        if c.entity_token == "relational" and c.num_relations < 1:
-            raise ValueError("model.entity_token=relational needs ELMMConfig.num_relations (the KG's relation count)")
+        if c.entity_token not in ("none", "free", *RELATIONAL_TOKENS):
+            raise ValueError(f"model.entity_token: unknown kind {c.entity_token!r} (none, free, relational, complex)")
+        if c.entity_token in RELATIONAL_TOKENS and c.num_relations < 1:
+            raise ValueError(f"model.entity_token={c.entity_token} needs ELMMConfig.num_relations (the KG's relation count)")
+        if c.entity_token == "complex" and dim % 2:
+            raise ValueError(f"model.entity_token=complex needs an even hidden size, not {dim}")
         if c.entity_token_at not in ENTITY_TOKEN_AT:
             raise ValueError(f"model.entity_token_at: unknown position {c.entity_token_at!r} ({', '.join(ENTITY_TOKEN_AT)})")
         # Zeros, drawn from no RNG: the model starts as the one without it, with the same other weights.
         self.entity_tokens = nn.Parameter(torch.zeros(c.num_entities, dim)) if c.entity_token != "none" else None
-        # Ones: at start the relational token is the free one. Row: direction * num_relations + relation.
-        self.relation_scales = (nn.Parameter(torch.ones(2 * c.num_relations, dim)) if c.entity_token == "relational"
-                                else None)
+        # The identity, so at start these tokens are the free one: ones (relational), 1 + 0i per pair
+        # (complex, stored [re, im, re, im, ...]). Row: direction * num_relations + relation.
+        self.relation_scales = None
+        if c.entity_token in RELATIONAL_TOKENS:
+            ones = torch.ones(2 * c.num_relations, dim)
+            self.relation_scales = nn.Parameter(ones if c.entity_token == "relational" else ones * (torch.arange(dim) % 2 == 0))
 
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
@@ -324,7 +332,10 @@ class ELMM(nn.Module):
         `relational`: the vector times the (relation, direction)'s scale row, elementwise. The frozen
         MLPs between it and the completion layer hardly make a relation-specific map of it, and
         relations that group the same entities differently (`knows` by community, `works with` by
-        team) need one; a diagonal per relation is DistMult's, D parameters each.
+        team) need one; a diagonal per relation is DistMult's, D parameters each. `complex`: each pair
+        of dimensions (re, im) times the row's pair as complex numbers, a scaled rotation per plane
+        (ComplEx's relation, D parameters each); a diagonal cannot map a group onto another (`rival
+        of`: the next community), a rotation can (RotatE's argument).
         """
         fields = ENTITY_TOKEN_AT[self.config.entity_token_at]
         needed = ("anchors", *fields, *(("relations", "directions") if self.relation_scales is not None else ()))
@@ -336,7 +347,12 @@ class ELMM(nn.Module):
         vectors = gather_rows(self.entity_tokens, text.anchors.to(device))  # [B, D]
         if self.relation_scales is not None:
             rows = text.directions.to(device) * self.config.num_relations + text.relations.to(device)
-            vectors = vectors * gather_rows(self.relation_scales, rows)
+            scales = gather_rows(self.relation_scales, rows)
+            if self.config.entity_token == "relational":
+                vectors = vectors * scales
+            else:
+                (a, b), (c, d) = vectors.unflatten(-1, (-1, 2)).unbind(-1), scales.unflatten(-1, (-1, 2)).unbind(-1)
+                vectors = torch.stack([a * c - b * d, a * d + b * c], -1).flatten(-2)
         vectors = vectors.to(text_embeds.dtype)
         columns = torch.arange(text_embeds.shape[1], device=device)[None, :]
         at = torch.stack([columns == pos.to(device)[:, None] for pos in positions]).any(0)  # [B, L]

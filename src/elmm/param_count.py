@@ -137,7 +137,7 @@ def parameter_report(hf_config, config: ELMMConfig, lora_r: int | None) -> dict:
         counts["entity_embedding"] = {"entities": dim * config.num_entities + config.num_entities}
     if config.entity_token != "none":
         counts["entity_tokens"] = {"entity_tokens": config.num_entities * dim}
-        if config.entity_token == "relational":
+        if config.entity_token in ("relational", "complex"):
             counts["entity_tokens"]["relation_scales"] = 2 * config.num_relations * dim
     if lora_r is not None and len(pruned) < len(layers):
         lora = 0
@@ -174,7 +174,7 @@ def shape(name: str, value: str | None = None, value_rank: int | None = None,
                         pruned_layers=list(range(layers - k, layers)), compensation=p.prune.compensation,
                         value=value or p.model.mvtc.value, value_rank=value_rank or p.model.mvtc.value_rank,
                         entity_token=p.model.entity_token,
-                        num_relations=num_relations if p.model.entity_token == "relational" else 0)
+                        num_relations=num_relations if p.model.entity_token in ("relational", "complex") else 0)
     return hf, config, p.train.lora.r
 
 

@@ -45,7 +45,7 @@ class TextBatch:
     name_pos: torch.Tensor | None = None  # [B] index of the entity name's last token
     query_mask: torch.Tensor | None = None  # [B, L] True on the entity-name and relation-phrase tokens
     anchors: torch.Tensor | None = None  # [B] the anchor entities' rows (model.entity_token reads them)
-    relations: torch.Tensor | None = None  # [B] the queries' relations and directions (entity_token: relational)
+    relations: torch.Tensor | None = None  # [B] the queries' relations and directions (entity_token: relational, complex)
     directions: torch.Tensor | None = None
 
 
