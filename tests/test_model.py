@@ -715,3 +715,39 @@ def test_entity_token_enters_at_its_positions_only_and_trains_the_anchor_rows(mi
         assert_close(forward_batch(model, make_batch(ws, leak)).scores, base, **EXACT)
         model.entity_tokens[anchor] += 1.0
         assert (forward_batch(model, make_batch(ws, leak)).scores - base).abs().max() > 1e-4
+
+
+def test_tied_entity_token_adds_a_map_of_the_anchors_own_row(micro_workspace) -> None:
+    """entity_token_tied starts as the untied token (a zero map, no random numbers drawn), adds
+    T r_anchor (r: the anchor's completion row) to the free vector, and sends the loss's gradient
+    into the completion rows of the batch's anchors through it."""
+    ws = micro_workspace
+    q = _queries(ws, 4)
+    batch = make_batch(ws, q)
+    models = {}
+    for tied in (False, True):
+        torch.manual_seed(0)
+        models[tied] = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free",
+                                                    entity_token_at="answer", entity_token_tied=tied)).eval()
+    model = models[True]
+    assert models[False].entity_token_tie is None and model.entity_token_tie.abs().max() == 0
+    with torch.no_grad():
+        assert_close(forward_batch(model, batch).scores, forward_batch(models[False], batch).scores, **EXACT)
+        model.entity_token_tie.normal_(0, 0.1)
+    text = batch["text"]
+    embeds = ws.backbone.embed_tokens(text.ids)
+    added = model.add_entity_tokens(embeds, text) - embeds
+    expected = model.entity_tokens[q.anchors] + model.completion.entities.weight[q.anchors] @ model.entity_token_tie.T
+    assert_close(added[torch.arange(len(q)), text.relation_pos], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="entity_token_tied"):
+        ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token_tied=True))
+
+    # Only through the tie does an anchor's row get gradient from its own query: score only
+    # non-anchor candidates, so the answer-side path gives the anchors' rows none.
+    model.train()
+    model.zero_grad()
+    others = torch.tensor([e for e in range(ws.kg.num_entities) if e not in set(q.anchors.tolist())][:3])
+    forward_batch(model, batch, candidates=others.expand(len(q), -1)).scores.sum().backward()
+    grad = model.completion.entities.weight.grad.abs().sum(1)
+    assert bool((grad[q.anchors] > 0).all())
+

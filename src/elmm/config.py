@@ -124,6 +124,7 @@ class ModelParams:
     # diagonal per relation and direction; complex: times a complex diagonal (ComplEx's); none: off
     entity_token: Literal["none", "free", "relational", "complex"] = "free"
     entity_token_at: Literal["name", "answer", "both"] = "answer"  # added at the name's last token, the answer cue, or both
+    entity_token_tied: bool = False  # the vector also reads the anchor's answer-side row through a learned map
     max_text_tokens: int = 32
     max_image_tokens: int = 256
 

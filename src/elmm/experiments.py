@@ -82,6 +82,8 @@ ABLATIONS = {
     # a complex diagonal (ComplEx's): a scaled rotation per plane can also map a group onto another
     # (rival of: the next community), which a real diagonal cannot
     "entity-token-complex": ["model.entity_token=complex"],
+    # the anchor's vector also reads its own answer-side row: one representation trained from both roles
+    "entity-token-complex-tied": ["model.entity_token=complex", "model.entity_token_tied=true"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)

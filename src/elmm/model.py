@@ -31,7 +31,9 @@ Choices where the paper is silent (docs/model.md):
   `entity_token: relational` scales it elementwise by a learned vector per relation and direction
   (DistMult's relation diagonal), so one entity vector can serve relations that group entities
   differently; `complex` multiplies its D/2 complex pairs by the row's (ComplEx's relation: a scaled
-  rotation per plane), which can also map one group onto another.
+  rotation per plane), which can also map one group onto another. `entity_token_tied` adds a learned
+  map of the anchor's own answer-side row (completion row) to the vector, so both roles train one
+  representation, as a KGE model's single embedding per entity does.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class ELMMConfig:
     entity_token: str = "none"  # none | free | relational | complex: a learned per-entity vector added to the anchor's prompt
     entity_token_at: str = "name"  # name | answer | both: the token(s) it is added to (name: as models saved before it)
     num_relations: int = 0  # the relational entity token's table has one row per relation and direction
+    entity_token_tied: bool = False  # + a learned map (zero at start) of the anchor's own answer-side row
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +99,7 @@ class ELMMConfig:
             entity_token=m.entity_token,
             entity_token_at=m.entity_token_at,
             num_relations=num_relations if m.entity_token in RELATIONAL_TOKENS else 0,
+            entity_token_tied=m.entity_token_tied,
         )
 
 
@@ -242,6 +246,12 @@ class ELMM(nn.Module):
         if c.entity_token in RELATIONAL_TOKENS:
             ones = torch.ones(2 * c.num_relations, dim)
             self.relation_scales = nn.Parameter(ones if c.entity_token == "relational" else ones * (torch.arange(dim) % 2 == 0))
+        # [D, row width], zeros (no random draw): the tied token starts as the untied one.
+        self.entity_token_tie = None
+        if c.entity_token_tied:
+            if c.entity_token == "none":
+                raise ValueError("model.entity_token_tied needs an entity token (model.entity_token is none)")
+            self.entity_token_tie = nn.Parameter(torch.zeros(dim, 3 * dim if c.head == "completion" else dim))
 
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
@@ -336,6 +346,11 @@ class ELMM(nn.Module):
         of dimensions (re, im) times the row's pair as complex numbers, a scaled rotation per plane
         (ComplEx's relation, D parameters each); a diagonal cannot map a group onto another (`rival
         of`: the next community), a rotation can (RotatE's argument).
+
+        `entity_token_tied`: the free vector plus T r_e, r_e the anchor's own answer-side row (its
+        completion row), T learned. Untied, an entity's anchor vector learns only from its queries
+        as anchor and its row only from those as answer; tied, both roles train the row, as a KGE
+        model's one embedding per entity is trained from both sides of every triple.
         """
         fields = ENTITY_TOKEN_AT[self.config.entity_token_at]
         needed = ("anchors", *fields, *(("relations", "directions") if self.relation_scales is not None else ()))
@@ -344,7 +359,11 @@ class ELMM(nn.Module):
                              "(PromptBuilder fills them)")
         positions = [getattr(text, f) for f in fields]
         device = text_embeds.device
-        vectors = gather_rows(self.entity_tokens, text.anchors.to(device))  # [B, D]
+        anchors = text.anchors.to(device)
+        vectors = gather_rows(self.entity_tokens, anchors)  # [B, D]
+        if self.entity_token_tie is not None:
+            rows = self.completion.entities if self.config.head == "completion" else self.entity_embedding
+            vectors = vectors + gather_rows(rows.weight, anchors) @ self.entity_token_tie.T
         if self.relation_scales is not None:
             rows = text.directions.to(device) * self.config.num_relations + text.relations.to(device)
             scales = gather_rows(self.relation_scales, rows)

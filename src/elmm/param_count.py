@@ -63,7 +63,7 @@ def _component(name: str) -> tuple[str, str] | None:
         return "completion", parts[1]
     if parts[0] == "entity_embedding":
         return "entity_embedding", "entities"
-    if parts[0] in ("entity_tokens", "relation_scales"):
+    if parts[0] in ("entity_tokens", "relation_scales", "entity_token_tie"):
         return "entity_tokens", parts[0]
     if parts[0] == "llm":
         if "lora_" in name:
@@ -139,6 +139,8 @@ def parameter_report(hf_config, config: ELMMConfig, lora_r: int | None) -> dict:
         counts["entity_tokens"] = {"entity_tokens": config.num_entities * dim}
         if config.entity_token in ("relational", "complex"):
             counts["entity_tokens"]["relation_scales"] = 2 * config.num_relations * dim
+        if config.entity_token_tied:
+            counts["entity_tokens"]["entity_token_tie"] = dim * (3 * dim if config.head == "completion" else dim)
     if lora_r is not None and len(pruned) < len(layers):
         lora = 0
         for i, layer in enumerate(layers):
