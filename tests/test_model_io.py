@@ -98,7 +98,8 @@ def test_add_lora_skips_fully_pruned_model(make_workspace) -> None:
     """With every attention block pruned there is nothing to adapt: add_lora injects nothing."""
     ws = make_workspace()
     prune_layers(ws.backbone.layers, {i: None for i in range(ws.backbone.num_layers)})
-    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(range(ws.backbone.num_layers)), "none")
+    config = ELMMConfig.from_params(ws.params, ws.kg.num_entities, list(range(ws.backbone.num_layers)), "none",
+                                    ws.kg.num_relations)
     model = ELMM(ws.backbone, config)
     assert not add_lora(model, lora_config(4, 8, 0.0)) and model.lora is None
     assert not any("lora_" in n for n, _ in model.named_parameters())
@@ -206,7 +207,7 @@ def test_lora_dropout_is_mask_dropout_with_nn_dropouts_law(make_workspace) -> No
     independently (the keep rate of 4M draws and of pairs of neighbours within 5 SE), the identity
     in eval mode, the same mask for the same seed, and its gradient the mask itself."""
     ws = make_workspace()
-    model = ELMM(ws.backbone, ELMMConfig.from_params(ws.params, ws.kg.num_entities))
+    model = ELMM(ws.backbone, ELMMConfig.from_params(ws.params, ws.kg.num_entities, num_relations=ws.kg.num_relations))
     add_lora(model, lora_config(r=4, alpha=8, dropout=0.1))
     dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
     assert dropouts and all(type(d) is MaskDropout and d.p == 0.1 for d in dropouts)

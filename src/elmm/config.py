@@ -122,7 +122,7 @@ class ModelParams:
     entity_readout: Literal["segment_end", "name_end"] = "segment_end"  # the token E_entity is read at
     # a learned vector per anchor entity, added at entity_token_at; relational: times a learned
     # diagonal per relation and direction; complex: times a complex diagonal (ComplEx's); none: off
-    entity_token: Literal["none", "free", "relational", "complex"] = "free"
+    entity_token: Literal["none", "free", "relational", "complex"] = "complex"
     entity_token_at: Literal["name", "answer", "both"] = "answer"  # added at the name's last token, the answer cue, or both
     entity_token_tied: bool = False  # the vector also reads the anchor's answer-side row through a learned map
     max_text_tokens: int = 32

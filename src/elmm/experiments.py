@@ -79,6 +79,7 @@ ABLATIONS = {
     # the vector scaled by a learned diagonal per relation and direction (DistMult's), so relations that
     # group the same entities differently (knows: communities, works with: teams) can each read their part
     "entity-token-relational": ["model.entity_token=relational"],
+    "entity-token-free": ["model.entity_token=free"],  # one vector for every relation (the default before complex)
     # a complex diagonal (ComplEx's): a scaled rotation per plane can also map a group onto another
     # (rival of: the next community), which a real diagonal cannot
     "entity-token-complex": ["model.entity_token=complex"],
