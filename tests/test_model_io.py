@@ -42,8 +42,8 @@ def _pruned_lora_model(ws, pruned: dict[int, torch.Tensor | None], r: int = 4):
 
 
 def test_trainable_split_after_lora(make_workspace) -> None:
-    """Trainable = LoRA + MVTC + completion + entity tokens + compensation; all else frozen; LoRA on q/v
-    of live layers."""
+    """Trainable = LoRA + MVTC + completion + entity tokens (and their relation rows) + compensation;
+    all else frozen; LoRA on q/v of live layers."""
     ws = make_workspace()
     dim = ws.backbone.hidden_size
     model, added = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.01})
@@ -52,13 +52,13 @@ def test_trainable_split_after_lora(make_workspace) -> None:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
 
     def expected_trainable(name: str) -> bool:
-        return (name.startswith(("text_view.", "image_view.", "completion.")) or name == "entity_tokens"
+        return (name.startswith(("text_view.", "image_view.", "completion.")) or name in ("entity_tokens", "relation_scales")
                 or ".lora_A." in name or ".lora_B." in name
                 or name == "llm.model.language_model.layers.1.compensation")
 
     assert trainable == {n for n, _ in model.named_parameters() if expected_trainable(n)}
     assert all(not expected_trainable(n) for n in frozen)
-    assert "llm.model.language_model.layers.1.compensation" in trainable
+    assert "llm.model.language_model.layers.1.compensation" in trainable and "relation_scales" in trainable
     assert any(n.startswith("text_view.") for n in trainable) and any(n.startswith("completion.") for n in trainable)
     assert not any(n.startswith("llm.") and "lora_" not in n and not n.endswith(".compensation") for n in trainable)
     # The vision tower, projector, embeddings, norms, MLPs, lm_head are all frozen.
@@ -88,7 +88,9 @@ def test_trainable_split_after_lora(make_workspace) -> None:
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
-            if ".lora_A." not in n:  # lora_A's gradient is exactly 0 while lora_B is still 0
+            # lora_A's gradient is exactly 0 while lora_B is still 0, the relation rows' while the
+            # entity tokens they multiply are (both zero at start)
+            if ".lora_A." not in n and n != "relation_scales":
                 assert p.grad.abs().sum() > 0, n
         else:
             assert p.grad is None, n
