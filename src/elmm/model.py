@@ -25,13 +25,14 @@ Choices where the paper is silent (docs/model.md):
 - `knowledge` (off by default): MR-MKG's knowledge path (`elmm.knowledge`, docs/knowledge.md) puts
   T knowledge tokens from the anchor's training subgraph before the image block,
   [<s>, knowledge (T), I_image, I_text, text], and may add a graph term to the entity scores.
-- `entity_token: free` (model.entity_token, on by default): a learned vector per entity, zero at start, added to the
-  input embedding of the closing answer cue, where E_relation is read (`entity_token_at: answer`, the
-  default), of the anchor name's last token (`name`), or of both; the anchor side's free row.
-  `entity_token: relational` scales it elementwise by a learned vector per relation and direction
-  (DistMult's relation diagonal), so one entity vector can serve relations that group entities
-  differently; `complex` multiplies its D/2 complex pairs by the row's (ComplEx's relation: a scaled
-  rotation per plane), which can also map one group onto another. `entity_token_tied` adds a learned
+- `entity_token` (model.entity_token; params.yaml's default `complex`, ELMMConfig's `none`): a learned
+  vector per entity, zero at start, added to the input embedding of the closing answer cue, where
+  E_relation is read (`entity_token_at: answer`, the default), of the anchor name's last token
+  (`name`), or of both; the anchor side's free row. `free` adds it as it is; `relational` scales it
+  elementwise by a learned vector per relation and direction (DistMult's relation diagonal), so one
+  entity vector can serve relations that group entities differently; `complex` multiplies its D/2
+  complex pairs by the row's (ComplEx's relation: a scaled rotation per plane), which can also map
+  one group onto another. `entity_token_tied` adds a learned
   map of the anchor's own answer-side row (completion row) to the vector, so both roles train one
   representation, as a KGE model's single embedding per entity does.
 """
