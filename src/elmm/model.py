@@ -32,9 +32,9 @@ Choices where the paper is silent (docs/model.md):
   elementwise by a learned vector per relation and direction (DistMult's relation diagonal), so one
   entity vector can serve relations that group entities differently; `complex` multiplies its D/2
   complex pairs by the row's (ComplEx's relation: a scaled rotation per plane), which can also map
-  one group onto another. `entity_token_tied` adds a learned
-  map of the anchor's own answer-side row (completion row) to the vector, so both roles train one
-  representation, as a KGE model's single embedding per entity does.
+  one group onto another. `entity_token_tied` adds a learned map of the anchor's own answer-side
+  row (completion row) to the vector, so both roles train one representation, as a KGE model's
+  single embedding per entity does.
 """
 
 from __future__ import annotations
@@ -366,8 +366,8 @@ class ELMM(nn.Module):
             rows = self.completion.entities if self.config.head == "completion" else self.entity_embedding
             vectors = vectors + gather_rows(rows.weight, anchors) @ self.entity_token_tie.T
         if self.relation_scales is not None:
-            rows = text.directions.to(device) * self.config.num_relations + text.relations.to(device)
-            scales = gather_rows(self.relation_scales, rows)
+            pairs = text.directions.to(device) * self.config.num_relations + text.relations.to(device)
+            scales = gather_rows(self.relation_scales, pairs)
             if self.config.entity_token == "relational":
                 vectors = vectors * scales
             else:
