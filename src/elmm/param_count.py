@@ -26,7 +26,7 @@ import torch
 
 from .backbone import FAMILIES, tiny_llava_config
 from .config import Params
-from .model import ELMMConfig
+from .model import RELATIONAL_TOKENS, ELMMConfig
 from .model_io import LORA_TARGETS
 
 TRAINABLE = ("mvtc_text", "mvtc_image", "completion", "entity_embedding", "lora", "compensation", "entity_tokens")
@@ -137,7 +137,7 @@ def parameter_report(hf_config, config: ELMMConfig, lora_r: int | None) -> dict:
         counts["entity_embedding"] = {"entities": dim * config.num_entities + config.num_entities}
     if config.entity_token != "none":
         counts["entity_tokens"] = {"entity_tokens": config.num_entities * dim}
-        if config.entity_token in ("relational", "complex"):
+        if config.entity_token in RELATIONAL_TOKENS:
             counts["entity_tokens"]["relation_scales"] = 2 * config.num_relations * dim
         if config.entity_token_tied:
             counts["entity_tokens"]["entity_token_tie"] = dim * (3 * dim if config.head == "completion" else dim)
@@ -176,7 +176,7 @@ def shape(name: str, value: str | None = None, value_rank: int | None = None,
                         pruned_layers=list(range(layers - k, layers)), compensation=p.prune.compensation,
                         value=value or p.model.mvtc.value, value_rank=value_rank or p.model.mvtc.value_rank,
                         entity_token=p.model.entity_token,
-                        num_relations=num_relations if p.model.entity_token in ("relational", "complex") else 0)
+                        num_relations=num_relations if p.model.entity_token in RELATIONAL_TOKENS else 0)
     return hf, config, p.train.lora.r
 
 
