@@ -32,6 +32,10 @@ def test_default_params_file_is_valid():
         ({"model": {"mvtc": {"value_rank": 0}}}, "model.mvtc.value_rank"),
         ({"model": {"entity_readout": "first"}}, "model.entity_readout"),
         ({"prune": {"similarity": "mlp"}}, "prune.similarity"),
+        ({"train": {"loss": "margin"}}, "train.loss"),
+        ({"train": {"loss": "softmax", "hard_negatives": "faiss"}}, "train.hard_negatives"),
+        ({"train": {"loss": "softmax"}, "model": {"knowledge": {"enabled": True, "candidates": "graph"}}},
+         "model.knowledge.candidates"),
         ({"bogus": 1}, "bogus"),
     ],
 )

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from elmm.batches import forward_batch, make_batch
 from elmm.kg.queries import HEAD, TAIL, Queries, queries_from_triples
-from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max
+from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max, softmax_loss
 from elmm.prompt import PromptBuilder
 from elmm.workspace import Workspace
 
@@ -266,6 +266,31 @@ def test_elmm_loss_ignores_masked_negative_score() -> None:
     high = scores.clone()
     high[0, 2] = 80.0
     assert_close(elmm_loss(high, *args), base, **EXACT)
+
+
+def test_softmax_loss_hand_example() -> None:
+    """-log of the target's softmax over every entity but the query's other known answers, batch mean."""
+    scores = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 1.0, -2.0, 4.0]])
+    targets = torch.tensor([0, 1])
+    known = torch.tensor([[True, False, False, True], [False, True, False, False]])  # row 0: entity 3 also answers
+
+    def nll(row: list[float], t: int) -> float:
+        return -(row[t] - math.log(sum(math.exp(v) for v in row)))
+
+    expected = torch.tensor((nll([2.0, -1.0, 0.5], 0) + nll([0.0, 1.0, -2.0, 4.0], 1)) / 2)
+    assert_close(softmax_loss(scores, targets, known), expected, rtol=1e-6, atol=1e-6)
+    assert known[0, 3], "the known mask is not modified in place"
+
+
+def test_softmax_loss_ignores_other_answers_not_the_anchor() -> None:
+    """Another known answer's score does not move the loss; any other entity's (the anchor's too) raises it."""
+    scores = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    targets, known = torch.tensor([0]), torch.tensor([[True, False, True, False]])
+    base = softmax_loss(scores, targets, known)
+    other_answer, negative = scores.clone(), scores.clone()
+    other_answer[0, 2], negative[0, 3] = 80.0, 5.0
+    assert_close(softmax_loss(other_answer, targets, known), base, **EXACT)
+    assert softmax_loss(negative, targets, known) > base + 1
 
 
 # ---------------------------------------------------------------------------------------- negatives

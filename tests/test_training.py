@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -164,6 +165,27 @@ def test_non_finite_loss_stops_naming_the_step(make_workspace, micro_env, monkey
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 3;"):
         train_model(model, ws, queries, FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0,
                     progress=False)
+
+
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_softmax_loss_moves_every_entity_row(make_workspace, micro_env, loss) -> None:
+    """One step of train.loss: softmax updates every completion row (each entity is in the normaliser);
+    bce only the rows of the targets and their sampled negatives."""
+    ws = make_workspace()
+    model = build_model(ws, seed=0)
+    set_trainable(model)
+    queries = queries_from_triples(ws.kg.triples["train"])
+    tp = copy.deepcopy(micro_env.params.train)
+    tp.loss, tp.batch_size, tp.max_steps, tp.negatives, tp.weight_decay = loss, 4, 1, 2, 0.0
+    before = model.completion.entities.weight.detach().clone()
+    summary = train_model(model, ws, queries, FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0,
+                          progress=False)
+    moved = (model.completion.entities.weight.detach() != before).any(1)
+    assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])
+    if loss == "softmax":
+        assert moved.all()
+    else:  # 4 queries x (target + 2 negatives + the anchor) rows at most
+        assert 0 < int(moved.sum()) <= 16 < ws.kg.num_entities
 
 
 def test_early_stopping_keeps_the_best_epoch(make_workspace, micro_env) -> None:

@@ -85,6 +85,12 @@ ABLATIONS = {
     "entity-token-complex": ["model.entity_token=complex"],
     # the anchor's vector also reads its own answer-side row: one representation trained from both roles
     "entity-token-complex-tied": ["model.entity_token=complex", "model.entity_token_tied=true"],
+    # the training loss: eq. 15's BCE over sampled negatives against the target's cross-entropy over
+    # every entity (1vsAll, the strongest KGE training type in Ruffinelli et al. 2020), with and
+    # without the knowledge path
+    "loss-bce": ["train.loss=bce"],
+    "loss-softmax": ["train.loss=softmax"],
+    "loss-softmax-knowledge": ["train.loss=softmax", KNOWLEDGE_ON],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)

@@ -30,7 +30,7 @@ from .config import TrainParams
 from .device import autocast
 from .distributed import Dist, all_sum, barrier, broadcast_int, wrap_ddp
 from .kg.queries import FilterIndex, Queries
-from .model import ELMM, elmm_loss
+from .model import ELMM, elmm_loss, softmax_loss
 from .negatives import NegativeSampler
 from .seeds import DROPOUT, NEGATIVES, derive_seed, epoch_order, generator
 from .workspace import Workspace
@@ -70,7 +70,8 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
                 log: Callable[[str, float, int], None] = lambda name, value, step: None,
                 checkpoints: Checkpoints | None = None, dist: Dist | None = None,
                 stop_after: int | None = None, progress: bool = True) -> dict:
-    """Train the trainable parameters of `model` with the self-denoising BCE loss (eq. 15).
+    """Train the trainable parameters of `model` with the self-denoising BCE loss (eq. 15), or with
+    `train.loss: softmax` the target's cross-entropy against every entity (model.softmax_loss).
 
     `validate(epoch)` (rank 0 only) is called before training and after every epoch and returns
     the validation metrics; the parameters of the best validation MRR are restored into `model`
@@ -87,6 +88,7 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
     if tp.max_steps is not None:
         total = min(total, tp.max_steps)
     sampler = NegativeSampler(tp)
+    every_entity = tp.loss == "softmax"  # the target against every entity: no negatives drawn
     # The fused kernel is AdamW's update in one pass over each tensor: the completion layer's
     # [entities, 3D] rows made the per-op update 13% of a step at 14,541 entities (benchmarks/train_step.py).
     opt = torch.optim.AdamW(param_groups(named, tp), lr=tp.lr, weight_decay=tp.weight_decay,
@@ -146,9 +148,10 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
             # Phases named for the profiler (benchmarks/train_step.py); free when it is off.
             with record_function("step: negatives and filter mask"):
                 q = train_queries.subset(idx)
+                known = train_filter.mask(q.anchors, q.relations, q.directions)
                 # Drawn for the whole global micro-batch on every rank, then sliced: the same
                 # negatives whatever the world size.
-                neg, neg_mask = sampler.sample(q, train_filter.mask(q.anchors, q.relations, q.directions), gen)
+                neg, neg_mask = (None, None) if every_entity else sampler.sample(q, known, gen)
             lo, hi = dist.slice(len(idx))
             # A rank whose slice is empty still runs one row with weight 0, so that the
             # gradient all-reduce sees every rank.
@@ -157,15 +160,18 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
             with ddp.no_sync() if dist.enabled and j < len(group) - 1 else nullcontext():
                 qs = q.subset(rows)
                 with record_function("step: make_batch"):
-                    batch = make_batch(ws, qs, train=True, negatives=neg[rows])
-                # Only the target (column 0) and the negatives (columns 1..K) are scored.
-                candidates = torch.cat([qs.targets[:, None].cpu(), neg[rows]], dim=1).to(device)
+                    batch = make_batch(ws, qs, train=True, negatives=None if every_entity else neg[rows])
+                # bce scores only the target (column 0) and the negatives (columns 1..K); softmax every entity.
+                candidates = None if every_entity else torch.cat([qs.targets[:, None].cpu(), neg[rows]], dim=1).to(device)
                 with autocast(device, tp.precision), record_function("step: forward"):
                     out = forward_batch(ddp, batch, candidates)
                 with record_function("step: loss"):
-                    b, c = candidates.shape
-                    loss = elmm_loss(out.scores.float(), torch.zeros(b, dtype=torch.long, device=device),
-                                     torch.arange(1, c, device=device).expand(b, c - 1), neg_mask[rows].to(device))
+                    if every_entity:
+                        loss = softmax_loss(out.scores.float(), qs.targets.to(device), known[rows].to(device))
+                    else:
+                        b, c = candidates.shape
+                        loss = elmm_loss(out.scores.float(), torch.zeros(b, dtype=torch.long, device=device),
+                                         torch.arange(1, c, device=device).expand(b, c - 1), neg_mask[rows].to(device))
                     if out.extra_loss is not None:  # the knowledge path's lambda * L_align
                         loss = loss + out.extra_loss.float()
                 if not torch.isfinite(loss):
