@@ -183,7 +183,10 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
                     "skipping half-ridge: the same params as the baseline",
                     "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
                     "skipping half-zero-init: the same params as no-init"] + (
-        [] if base["model"]["knowledge"]["enabled"] else ["skipping no-knowledge: the same params as the baseline"])
+        [] if base["model"]["knowledge"]["enabled"] else ["skipping no-knowledge: the same params as the baseline"]) + (
+        # at the softmax default, the path at its defaults (triples-10) is the run loss-softmax-knowledge names
+        ["skipping triples-10: the same params as loss-softmax-knowledge"]
+        if base["train"]["loss"] == "softmax" and not base["model"]["knowledge"]["enabled"] else [])
     # A baseline at another K queues them.
     other = queue_commands(None, half_layers=4, base_params={**base, "prune": {**base["prune"], "k": 2}}, layers=8)
     assert sum(c[c.index("-n") + 1].startswith("half-") for c in other) == 4

@@ -291,6 +291,9 @@ def test_softmax_loss_ignores_other_answers_not_the_anchor() -> None:
     other_answer[0, 2], negative[0, 3] = 80.0, 5.0
     assert_close(softmax_loss(other_answer, targets, known), base, **EXACT)
     assert softmax_loss(negative, targets, known) > base + 1
+    # train.self_denoise: false leaves the anchor (here entity 3) out of the normaliser as well
+    assert_close(softmax_loss(negative, targets, known, anchors=torch.tensor([3])),
+                 softmax_loss(scores, targets, known | torch.tensor([[False, False, False, True]])), **EXACT)
 
 
 # ---------------------------------------------------------------------------------------- negatives

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = {"epochs": 2, "batch_size": 16, "grad_accum": 2, "negatives": 4, "warmup_steps": 2, "lr": 0.002,
          "checkpoint_every": 3, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
 UNIFORM = {"train": TRAIN, "evaluate": {"batch_size": 16, "index": "hnsw", "index_k": 5}}
-HARD = {"train": {**TRAIN, "hard_negatives": "faiss", "hard_negatives_pool": 6, "hard_negatives_refresh": 4},
+# bce with hard negatives: the sampled-negative path (UNIFORM runs the default loss, softmax)
+HARD = {"train": {**TRAIN, "loss": "bce", "hard_negatives": "faiss", "hard_negatives_pool": 6, "hard_negatives_refresh": 4},
         "evaluate": {"batch_size": 16}}
 
 

@@ -167,7 +167,7 @@ class TrainParams:
     grad_accum: int = 1
     max_steps: int | None = None
     patience: int = 0  # stop after this many epochs without a better validation MRR; 0 = train every epoch
-    loss: Literal["bce", "softmax"] = "bce"  # bce: eq. 15 over sampled negatives | softmax: cross-entropy against every entity
+    loss: Literal["bce", "softmax"] = "softmax"  # softmax: cross-entropy against every entity | bce: eq. 15, sampled negatives
     negatives: int = 32
     self_denoise: bool = True
     warmup_steps: int = 20

@@ -439,15 +439,20 @@ def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tens
 
 
 
-def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
+                 anchors: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of each query's target against every entity (`train.loss: softmax`), batch mean.
 
     The 1vsAll cross-entropy of KGE training (Lacroix et al. 2018; Ruffinelli et al. 2020 found it the
     strongest training type), in place of eq. 15's sampled negatives: each step contrasts the target
-    with every entity, the anchor included. `scores` [B, E], `targets` [B], `known` [B, E] True at
-    every known answer of the query: the others than the target are left out of the normaliser, as
-    the filtered ranking leaves them out, since they are not negatives.
+    with every entity, the anchor included (self-denoising). `scores` [B, E], `targets` [B], `known`
+    [B, E] True at every known answer of the query: the others than the target are left out of the
+    normaliser, as the filtered ranking leaves them out, since they are not negatives. `anchors` [B]
+    (`train.self_denoise: false`) are left out too.
     """
     others = known.clone()
-    others[torch.arange(len(targets), device=targets.device), targets] = False
+    batch = torch.arange(len(targets), device=targets.device)
+    if anchors is not None:
+        others[batch, anchors] = True
+    others[batch, targets] = False
     return F.cross_entropy(scores.masked_fill(others, float("-inf")), targets)
