@@ -438,7 +438,6 @@ def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tens
     return -(pos + neg).mean()
 
 
-
 def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
                  anchors: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of each query's target against every entity (`train.loss: softmax`), batch mean.
