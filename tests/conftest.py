@@ -34,9 +34,11 @@ class MicroEnv:
     encoded_dir: Path
     params: object  # elmm.config.Params
 
-    def params_with(self, **model) -> object:
-        """A copy of the params with `model.<key>` overridden (mvtc is a dict of MVTCParams keys)."""
+    def params_with(self, train: dict | None = None, **model) -> object:
+        """A copy of the params with `model.<key>` overridden (mvtc is a dict of MVTCParams keys), and
+        `train.<key>` with the keys of `train`."""
         raw = _raw_params()
+        raw["train"] = dict(train or {})
         for key, value in model.items():
             if isinstance(value, dict):
                 raw["model"].setdefault(key, {}).update(value)

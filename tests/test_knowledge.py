@@ -38,8 +38,10 @@ def _one_thread():
 
 
 def knowledge_workspace(make_workspace, micro_env, **settings):
-    """A fresh workspace whose params enable the knowledge path (KNOWLEDGE + `settings`)."""
-    return make_workspace(micro_env.params_with(knowledge={**KNOWLEDGE, **settings}))
+    """A fresh workspace whose params enable the knowledge path (KNOWLEDGE + `settings`); with
+    `candidates: graph` trained with bce, the loss that scores only its loss columns."""
+    train = {"loss": "bce"} if settings.get("candidates") == "graph" else {}
+    return make_workspace(micro_env.params_with(train=train, knowledge={**KNOWLEDGE, **settings}))
 
 
 def random_index(entities=60, relations=5, triples=400, dim=8, seed=0, **kw) -> SubgraphIndex:

@@ -147,22 +147,23 @@ def test_rank_slices_partition_every_batch(n: int, world: int) -> None:
     assert max(map(len, rows)) - min(map(len, rows)) <= 1
 
 
-def test_non_finite_loss_stops_naming_the_step(make_workspace, micro_env, monkeypatch) -> None:
+@pytest.mark.parametrize("loss, function", [("bce", "elmm_loss"), ("softmax", "softmax_loss")])
+def test_non_finite_loss_stops_naming_the_step(make_workspace, micro_env, monkeypatch, loss, function) -> None:
     ws = make_workspace()
     model = build_model(ws, seed=0)
     set_trainable(model)
     queries = queries_from_triples(ws.kg.triples["train"])
     tp = copy.deepcopy(micro_env.params.train)  # the session params are shared: never mutate them
-    tp.batch_size, tp.max_steps = 16, 5
+    tp.batch_size, tp.max_steps, tp.loss = 16, 5, loss
     calls = {"n": 0}
-    real = training.elmm_loss
+    real = getattr(training, function)
 
-    def loss(*args):
+    def poisoned(*args):
         calls["n"] += 1
         value = real(*args)
         return value * float("nan") if calls["n"] == 3 else value  # the third micro-batch = step 3
 
-    monkeypatch.setattr(training, "elmm_loss", loss)
+    monkeypatch.setattr(training, function, poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 3;"):
         train_model(model, ws, queries, FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0,
                     progress=False)
