@@ -23,6 +23,11 @@ JSON object.
     git archive 84ca5a5 src | tar -x -C /tmp/base
     python benchmarks/train_step.py --repo <repository> --against /tmp/base/src --rounds 10 --steps 30
 
+`--losses` runs `train.loss: bce` (eq. 15, the target and its sampled negatives scored) against
+`softmax` (every entity scored) on the same model in the same way, alternating blocks:
+
+    python benchmarks/train_step.py --repo <repository> --losses --rounds 6 --steps 30
+
 Under torchrun (`torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py ...`) the loop
 runs data-parallel as the train stage does (`train.batch_size` is the global batch, each rank a
 slice of it, DDP over gloo on CPU); rank 0 prints, and the profile is skipped.
@@ -134,6 +139,28 @@ def compare(args) -> dict:
     }
 
 
+def compare_losses(args) -> dict:
+    """`train.loss` bce against softmax on one model in this one process, alternating blocks of
+    --steps steps (the same reason as `compare`): steady queries/s per round and their ratio."""
+    model, ws, queries, filters, p = build(args.repo)
+    variants = {loss: dataclasses.replace(p, train=dataclasses.replace(p.train, loss=loss)) for loss in ("bce", "softmax")}
+    for v in variants.values():
+        run(model, ws, queries, filters, v, args.warmup)
+    batch = p.train.batch_size * p.train.grad_accum
+    rates = {loss: [] for loss in variants}
+    for r in range(args.rounds):
+        for loss in (variants if r % 2 == 0 else reversed(variants)):
+            _, step_seconds = run(model, ws, queries, filters, variants[loss], args.steps)
+            rates[loss].append(steady(step_seconds, batch)["steady_queries_per_s"])
+    return {
+        "entities": ws.kg.num_entities, "batch_size": batch, "negatives": p.train.negatives,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps,
+        "steady_queries_per_s": rates,
+        "mean_queries_per_s": {loss: round(statistics.mean(v), 1) for loss, v in rates.items()},
+        "softmax_over_bce": round(statistics.mean(rates["softmax"]) / statistics.mean(rates["bce"]), 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", type=Path, default=Path.cwd(), help="repository with the train stage's inputs")
@@ -144,10 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--against", type=Path, metavar="SRC",
                     help="another checkout's src/ (e.g. `git archive COMMIT src`): both versions in this one "
                          "process, alternating blocks of --steps steps, instead of the profile")
-    ap.add_argument("--rounds", type=int, default=6, help="alternating blocks per version (with --against)")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating blocks per version (with --against / --losses)")
+    ap.add_argument("--losses", action="store_true",
+                    help="train.loss bce against softmax on the same model, alternating blocks, instead of the profile")
     args = ap.parse_args(argv)
     if args.against:
         print(json.dumps(compare(args), indent=1))
+        return
+    if args.losses:
+        print(json.dumps(compare_losses(args), indent=1))
         return
 
     from elmm.distributed import init_distributed, shutdown_distributed

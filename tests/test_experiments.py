@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from elmm.config import Params
 from elmm.experiments import (
     load_experiments,
     markdown_table,
@@ -70,6 +71,8 @@ def test_a_param_added_later_takes_its_default_in_older_runs():
     assert len(merge_runs([first, load_experiments(json.dumps(later))])) == 4
     assert first[0]["params"]["model"]["entity_token"] == "none"  # filled from elmm.config's default
     assert "entity_token" in markdown_table(rows)
+    # a run from before train.loss existed trained eq. 15's bce, not today's default (BEFORE_ADDED)
+    assert first[0]["params"]["train"]["loss"] == "bce" != Params().train.loss
 
 
 def test_runs_of_two_commits_sharing_a_name_but_not_params_are_two_groups():
