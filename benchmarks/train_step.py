@@ -145,6 +145,7 @@ def compare_losses(args) -> dict:
     model, ws, queries, filters, p = build(args.repo)
     variants = {loss: dataclasses.replace(p, train=dataclasses.replace(p.train, loss=loss)) for loss in ("bce", "softmax")}
     for v in variants.values():
+        importlib.import_module("elmm.config").validate(v)  # e.g. softmax with hard negatives: refused, as train refuses it
         run(model, ws, queries, filters, v, args.warmup)
     batch = p.train.batch_size * p.train.grad_accum
     rates = {loss: [] for loss in variants}

@@ -454,6 +454,24 @@ def test_training_step_reaches_every_knowledge_parameter(make_workspace, micro_e
             assert p.grad.abs().sum() > 0, n
 
 
+def test_softmax_training_with_the_path(make_workspace, micro_env) -> None:
+    """The default loss (softmax over every entity) trains with the path on (candidates: free): two
+    finite steps that move the knowledge parameters."""
+    from elmm.kg.queries import FilterIndex
+    from elmm.training import train_model
+
+    ws = knowledge_workspace(make_workspace, micro_env)
+    model = build_model(ws, seed=0)
+    set_trainable(model)
+    tp = dataclasses.replace(micro_env.params.train, batch_size=8, max_steps=2)
+    assert tp.loss == "softmax"
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("knowledge.")}
+    summary = train_model(model, ws, queries_from_triples(ws.kg.triples["train"]),
+                          FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0, progress=False)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
 def test_graph_candidates_agree_between_training_columns_and_evaluation(make_workspace, micro_env) -> None:
     """The loss columns (training) and the all-entity table (evaluation) give one score per entity,
     except the target, whose neighbourhood lacks the query edge in training; the folded entity

@@ -284,8 +284,8 @@ class ELMM(nn.Module):
                 knowledge: KnowledgeBatch | None = None, candidates: torch.Tensor | None = None) -> QueryOutput:
         """Scores of every entity for each query, or only of `candidates` [B, C] (entity indices).
 
-        Training scores only the target and its negatives: the same values as the matching columns
-        of the full scores, without the [B, E] product and its two backward products.
+        bce training scores only the target and its negatives: the same values as the matching
+        columns of the full scores, without the [B, E] product and its two backward products.
         """
         device = self.llm.device if hasattr(self.llm, "device") else patches.device
         ids, text_mask = text.ids.to(device), text.mask.to(device)
