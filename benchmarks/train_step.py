@@ -113,6 +113,20 @@ def steady(step_seconds: list[float], batch: int) -> dict:
             "median_step_ms": round(1e3 * statistics.median(step_seconds), 2)}
 
 
+def alternate(runs: dict, args, batch: int) -> dict[str, list[float]]:
+    """Steady queries/s per round of each of `runs` (name -> a callable of `steps` that returns what
+    `run` returns): --warmup steps of each, then --rounds rounds of --steps steps of each in
+    alternating order, all in this one process."""
+    for go in runs.values():
+        go(args.warmup)
+    rates = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in (runs if r % 2 == 0 else reversed(runs)):
+            _, step_seconds = runs[name](args.steps)
+            rates[name].append(steady(step_seconds, batch)["steady_queries_per_s"])
+    return rates
+
+
 def compare(args) -> dict:
     """This checkout against `args.against` in one process: a process's own speed varies (up to 1.5x
     between two processes of the same code on the development container), so the versions share one.
@@ -120,14 +134,9 @@ def compare(args) -> dict:
     import_as(args.against.resolve(), "elmm_against")
     versions = {"this": "elmm", "against": "elmm_against"}
     built = {name: build(args.repo, pkg) for name, pkg in versions.items()}
-    for name, pkg in versions.items():
-        run(*built[name], args.warmup, pkg=pkg)
     batch = built["this"][4].train.batch_size * built["this"][4].train.grad_accum
-    rates = {name: [] for name in versions}
-    for r in range(args.rounds):
-        for name in (versions if r % 2 == 0 else reversed(versions)):
-            _, step_seconds = run(*built[name], args.steps, pkg=versions[name])
-            rates[name].append(steady(step_seconds, batch)["steady_queries_per_s"])
+    rates = alternate({name: (lambda steps, name=name: run(*built[name], steps, pkg=versions[name]))
+                       for name in versions}, args, batch)
     ratios = [a / b for a, b in zip(rates["this"], rates["against"])]
     return {
         "entities": built["this"][1].kg.num_entities, "batch_size": batch, "threads": torch.get_num_threads(),
@@ -142,17 +151,15 @@ def compare(args) -> dict:
 def compare_losses(args) -> dict:
     """`train.loss` bce against softmax on one model in this one process, alternating blocks of
     --steps steps (the same reason as `compare`): steady queries/s per round and their ratio."""
+    from elmm.config import validate
+
     model, ws, queries, filters, p = build(args.repo)
     variants = {loss: dataclasses.replace(p, train=dataclasses.replace(p.train, loss=loss)) for loss in ("bce", "softmax")}
     for v in variants.values():
-        importlib.import_module("elmm.config").validate(v)  # e.g. softmax with hard negatives: refused, as train refuses it
-        run(model, ws, queries, filters, v, args.warmup)
+        validate(v)  # e.g. softmax with hard negatives: refused, as train refuses it
     batch = p.train.batch_size * p.train.grad_accum
-    rates = {loss: [] for loss in variants}
-    for r in range(args.rounds):
-        for loss in (variants if r % 2 == 0 else reversed(variants)):
-            _, step_seconds = run(model, ws, queries, filters, variants[loss], args.steps)
-            rates[loss].append(steady(step_seconds, batch)["steady_queries_per_s"])
+    rates = alternate({loss: (lambda steps, v=v: run(model, ws, queries, filters, v, steps))
+                       for loss, v in variants.items()}, args, batch)
     return {
         "entities": ws.kg.num_entities, "batch_size": batch, "negatives": p.train.negatives,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps,
