@@ -254,6 +254,12 @@ class ELMM(nn.Module):
                 raise ValueError("model.entity_token_tied needs an entity token (model.entity_token is none)")
             self.entity_token_tie = nn.Parameter(torch.zeros(dim, 3 * dim if c.head == "completion" else dim))
 
+    @property
+    def answer_rows(self) -> nn.Linear:
+        """The answer side's row per entity (weight [E, Q], bias [E]): the completion layer's, or
+        lm_head's entity embedding."""
+        return self.completion.entities if self.config.head == "completion" else self.entity_embedding
+
     # ---- inputs -------------------------------------------------------------------------
     def image_block(self, patches: torch.Tensor, cls: torch.Tensor, slot_mask: torch.Tensor,
                     text_embeds: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +323,9 @@ class ELMM(nn.Module):
         if self.config.head == "completion":
             e_image = masked_max(hidden[:, :p], image_mask[:, k:], 1)
             query = self.completion.query(e_image, e_entity, e_relation)
-            rows = self.completion.entities
         else:
             query = e_relation
-            rows = self.entity_embedding
+        rows = self.answer_rows
         if self.knowledge is not None:  # its graph term is defined on all entities' scores
             scores = self.knowledge.score_candidates(rows(query), query, knowledge, self.backbone)
             scores = scores if candidates is None else scores.gather(1, candidates.to(device))
@@ -363,8 +368,7 @@ class ELMM(nn.Module):
         anchors = text.anchors.to(device)
         vectors = gather_rows(self.entity_tokens, anchors)  # [B, D]
         if self.entity_token_tie is not None:
-            rows = self.completion.entities if self.config.head == "completion" else self.entity_embedding
-            vectors = vectors + gather_rows(rows.weight, anchors) @ self.entity_token_tie.T
+            vectors = vectors + gather_rows(self.answer_rows.weight, anchors) @ self.entity_token_tie.T
         if self.relation_scales is not None:
             pairs = text.directions.to(device) * self.config.num_relations + text.relations.to(device)
             scales = gather_rows(self.relation_scales, pairs)

@@ -47,7 +47,7 @@ def faiss_available() -> bool:
 def entity_vectors(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [E, Q], bias [E]) of the layer that scores entities (with the knowledge path's
     candidate term P h_e added to each row when model.knowledge.candidates is graph)."""
-    layer = model.completion.entities if model.config.head == "completion" else model.entity_embedding
+    layer = model.answer_rows
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0], device=layer.weight.device)
     knowledge = getattr(model, "knowledge", None)
     if knowledge is not None and knowledge.candidate is not None:
