@@ -24,6 +24,7 @@ from elmm.pretraining import (
     heldout_loss,
     lm_loss,
     pretrain,
+    reading_exercises,
     text_corpus,
     tokenizer_texts,
 )
@@ -115,6 +116,30 @@ def test_lm_loss_is_the_next_token_loss_after_the_picture(kg) -> None:
                 total += float(F.cross_entropy(backbone.lm_head(hidden[p + j - 1])[None], ids[j:j + 1]))
                 count += 1
     assert_close(got, torch.tensor(total / count), rtol=1e-5, atol=1e-5)
+
+
+def test_answer_only_reading_loss_scores_the_value_tokens(kg) -> None:
+    """reading_loss=answer: the loss is the mean next-token loss of the tokens after the exercise's
+    prefix (the value and the closing " ."), each written out by hand; `line` scores every token."""
+    backbone = _fresh(kg)
+    enc = Encoder(backbone)
+    items = reading_exercises(3, seed=0, stream=0, taken=set())
+    line, answer = enc.exercises(items, answer_only=False), enc.exercises(items, answer_only=True)
+    assert line.scored is None and torch.equal(answer.ids, line.ids)
+    with torch.no_grad():
+        got = lm_loss(backbone, answer, -2)
+        total, count = 0.0, 0
+        for i, x in enumerate(items):
+            ids = torch.tensor([enc.bos, *enc.ids(x.line)])
+            start = 1 + len(enc.ids(x.prefix))
+            assert enc.tokenizer.decode(ids[start:]).strip() == f"{x.value} ."
+            hidden = backbone.decoder(inputs_embeds=backbone.embed_tokens(ids)[None]).last_hidden_state[0]
+            for j in range(start, len(ids)):
+                total += float(F.cross_entropy(backbone.lm_head(hidden[j - 1])[None], ids[j:j + 1]))
+                count += 1
+        assert count < int(line.mask.sum()) - 3  # the answer is a small part of each line
+    assert_close(got, torch.tensor(total / count), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, lm_loss(backbone, line, -2))
 
 
 def test_attention_diagnostics_are_computed(kg) -> None:

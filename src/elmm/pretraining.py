@@ -158,6 +158,7 @@ class Batch:
     ids: torch.Tensor  # [B, L] token ids (BOS first), right-padded
     mask: torch.Tensor  # [B, L] True on real tokens
     pixels: torch.Tensor | None = None  # [B, ...] preprocessed pictures (caption batches)
+    scored: torch.Tensor | None = None  # [B, L] True on the tokens whose prediction is in the loss (default: mask)
 
 
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +184,16 @@ class Encoder:
 
     def texts(self, lines: list[str]) -> Batch:
         return Batch(*_pad([[self.bos, *self.ids(x)] for x in lines], self.pad))
+
+    def exercises(self, items: list[Exercise], answer_only: bool) -> Batch:
+        """Reading exercises; with `answer_only` the loss scores only the answer's value and the
+        closing " .": the rest of a line (an invented name, filler clauses) is unpredictable or
+        already learnt from the descriptions, and would dilute the one token that needs reading."""
+        batch = self.texts([x.line for x in items])
+        if answer_only:
+            starts = torch.tensor([1 + len(self.ids(x.prefix)) for x in items])  # BOS + prefix
+            batch.scored = batch.mask & (torch.arange(batch.ids.shape[1]) >= starts[:, None])
+        return batch
 
     def pixels(self, jpegs: list[bytes]) -> torch.Tensor:
         out = []
@@ -215,7 +226,7 @@ def lm_loss(backbone: Backbone, batch: Batch, feature_layer: int, reduction: str
     # Text token j >= 1 sits at decoder position prefix + j and is predicted one position earlier.
     logits = backbone.lm_head(hidden[:, prefix:prefix + batch.ids.shape[1] - 1])
     targets = batch.ids[:, 1:]
-    valid = batch.mask[:, 1:]
+    valid = (batch.mask if batch.scored is None else batch.scored)[:, 1:]
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     losses = losses.view(targets.shape) * valid
     if reduction == "sum":
@@ -255,7 +266,8 @@ def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, 
     """Train every weight of `backbone` (tower, projector, decoder, embeddings) on the curriculum.
 
     Step s is a caption batch when s % round(1 / caption_share) == 0; otherwise, with probability
-    `reading_share`, a batch of fresh reading exercises (`reading_exercises`), else a text batch of
+    `reading_share`, a batch of fresh reading exercises (`reading_exercises`; the loss on every
+    token, or with `reading_loss: answer` on the answer only), else a text batch of
     descriptions (and, after `triples_after` of the steps, triples). Everything random is drawn
     from `seed`, so the same inputs give the same weights.
     """
@@ -279,7 +291,7 @@ def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, 
         elif gen.random() < p.reading_share:
             if len(exercises) < p.batch_size:  # drawn in blocks, from the stream of this step
                 exercises = reading_exercises(64 * p.batch_size, seed, 1000 + step, taken_names)
-            kind, batch = "reading", enc.texts([x.line for x in exercises[-p.batch_size:]])
+            kind, batch = "reading", enc.exercises(exercises[-p.batch_size:], p.reading_loss == "answer")
             del exercises[-p.batch_size:]
         else:
             pool = corpus.descriptions + (corpus.triples if step >= with_triples else [])
