@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from elmm.batches import forward_batch, make_batch
+from elmm.config import ParamsError, from_dict, validate
 from elmm.kg.queries import HEAD, TAIL, Queries, queries_from_triples
 from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max, softmax_loss
 from elmm.prompt import PromptBuilder
@@ -780,3 +781,33 @@ def test_tied_entity_token_adds_a_map_of_the_anchors_own_row(micro_workspace) ->
     grad = model.completion.entities.weight.grad.abs().sum(1)
     assert bool((grad[q.anchors] > 0).all())
 
+
+
+def test_entity_token_dropout_leaves_whole_vectors_out_in_training_only(micro_workspace) -> None:
+    """model.entity_token_dropout: in training each query's vector is added whole or not at all
+    (about the given share left out, no rescaling); in evaluation it is always added, so the scores
+    are those of the model without dropout."""
+    ws = micro_workspace
+    torch.manual_seed(0)
+    model = ELMM(ws.backbone, ELMMConfig(num_entities=ws.kg.num_entities, heads=2, entity_token="free",
+                                         entity_token_at="answer", entity_token_dropout=0.5))
+    with torch.no_grad():
+        model.entity_tokens.normal_(0, 0.5)
+    q = _queries(ws, 8)
+    text = make_batch(ws, q)["text"]
+    embeds = ws.backbone.embed_tokens(text.ids)
+    rows = torch.arange(len(q))
+    vectors = model.entity_tokens[q.anchors]
+    model.eval()
+    assert_close((model.add_entity_tokens(embeds, text) - embeds)[rows, text.relation_pos], vectors, rtol=0, atol=1e-6)
+    model.train()
+    kept = []
+    for _ in range(50):
+        added = (model.add_entity_tokens(embeds, text) - embeds)[rows, text.relation_pos]
+        whole = (added - vectors).abs().amax(1) < 1e-6
+        none = added.abs().amax(1) == 0
+        assert bool((whole ^ none).all())
+        kept.append(whole.float().mean())
+    assert 0.35 < float(torch.stack(kept).mean()) < 0.65
+    with pytest.raises(ParamsError, match="model.entity_token_dropout"):
+        validate(from_dict({"model": {"entity_token_dropout": 1.0}}))

@@ -129,7 +129,7 @@ def test_answer_only_reading_loss_scores_the_value_tokens(kg) -> None:
     with torch.no_grad():
         got = lm_loss(backbone, answer, -2)
         total, count = 0.0, 0
-        for i, x in enumerate(items):
+        for x in items:
             ids = torch.tensor([enc.bos, *enc.ids(x.line)])
             start = 1 + len(enc.ids(x.prefix))
             assert enc.tokenizer.decode(ids[start:]).strip() == f"{x.value} ."

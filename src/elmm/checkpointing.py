@@ -74,6 +74,8 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
             keys["model"]["entity_token_at"] = m.entity_token_at
         if m.entity_token_tied:
             keys["model"]["entity_token_tied"] = True
+        if m.entity_token_dropout:
+            keys["model"]["entity_token_dropout"] = m.entity_token_dropout
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for group in (inputs, code):
         files: list[Path] = []

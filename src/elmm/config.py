@@ -126,6 +126,7 @@ class ModelParams:
     entity_token: Literal["none", "free", "relational", "complex"] = "complex"
     entity_token_at: Literal["name", "answer", "both"] = "answer"  # added at the name's last token, the answer cue, or both
     entity_token_tied: bool = False  # the vector also reads the anchor's answer-side row through a learned map
+    entity_token_dropout: float = 0.0  # training: share of queries whose anchor vector is left out
     max_text_tokens: int = 32
     max_image_tokens: int = 256
 
@@ -363,6 +364,7 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _check_fraction(pp.caption_share, "pretrain.caption_share")
     _check_fraction(pp.triples_after, "pretrain.triples_after")
     _check_fraction(pp.reading_share, "pretrain.reading_share")
+    _require(0 <= p.model.entity_token_dropout < 1, "model.entity_token_dropout", "must be in [0, 1)")
     _require(pp.pictures >= pp.batch_size or pp.caption_share == 0, "pretrain.pictures",
              f"must be at least pretrain.batch_size ({pp.batch_size})")
     _require(pp.heldout_pictures >= 1, "pretrain.heldout_pictures", "must be at least 1")

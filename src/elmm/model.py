@@ -74,6 +74,7 @@ class ELMMConfig:
     entity_token_at: str = "name"  # name | answer | both: the token(s) it is added to (name: as models saved before it)
     num_relations: int = 0  # the relational entity token's table has one row per relation and direction
     entity_token_tied: bool = False  # + a learned map (zero at start) of the anchor's own answer-side row
+    entity_token_dropout: float = 0.0  # training only: the share of queries whose vector is left out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +102,7 @@ class ELMMConfig:
             entity_token_at=m.entity_token_at,
             num_relations=num_relations if m.entity_token in RELATIONAL_TOKENS else 0,
             entity_token_tied=m.entity_token_tied,
+            entity_token_dropout=m.entity_token_dropout,
         )
 
 
@@ -357,6 +359,10 @@ class ELMM(nn.Module):
         completion row), T learned. Untied, an entity's anchor vector learns only from its queries
         as anchor and its row only from those as answer; tied, both roles train the row, as a KGE
         model's one embedding per entity is trained from both sides of every triple.
+
+        `entity_token_dropout` (training only): a query's vector is left out with that probability.
+        The vector can memorise every training fact of its entity, the pictures' and the
+        description's too, and then nothing rewards reading them, which held-out facts need.
         """
         fields = ENTITY_TOKEN_AT[self.config.entity_token_at]
         needed = ("anchors", *fields, *(("relations", "directions") if self.relation_scales is not None else ()))
@@ -377,6 +383,9 @@ class ELMM(nn.Module):
             else:
                 (a, b), (c, d) = vectors.unflatten(-1, (-1, 2)).unbind(-1), scales.unflatten(-1, (-1, 2)).unbind(-1)
                 vectors = torch.stack([a * c - b * d, a * d + b * c], -1).flatten(-2)
+        if self.training and self.config.entity_token_dropout > 0:
+            keep = torch.rand(vectors.shape[0], 1, device=device) >= self.config.entity_token_dropout
+            vectors = vectors * keep  # whole vectors, not rescaled: evaluation always adds it
         vectors = vectors.to(text_embeds.dtype)
         columns = torch.arange(text_embeds.shape[1], device=device)[None, :]
         at = torch.stack([columns == pos.to(device)[:, None] for pos in positions]).any(0)  # [B, L]
