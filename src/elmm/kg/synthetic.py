@@ -133,10 +133,13 @@ def unique_names(n: int, rng: random.Random, taken: set[str] = frozenset()) -> l
     return names
 
 
+# The clause that states each fact in a description (elmm.fact_swap rewrites them).
+FACT_CLAUSES = {"category": "is a {}", "region": "from the {}", "material": "made of {}", "colour": "painted {}"}
+
+
 def describe(facts: dict[str, str], rng: random.Random) -> str:
     """A description: one clause per fact, plus two filler clauses, in random order."""
-    templates = {"category": "is a {}", "region": "from the {}", "material": "made of {}", "colour": "painted {}"}
-    clauses = [templates[k].format(v) for k, v in facts.items()]
+    clauses = [FACT_CLAUSES[k].format(v) for k, v in facts.items()]
     clauses += [f"seen in {rng.choice(_SOURCES)}", f"{rng.choice(_VERBS)} in the {rng.choice(_ERAS)} era"]
     rng.shuffle(clauses)
     return " ; ".join(clauses)

@@ -1,0 +1,76 @@
+"""The fact-swap probe against two hand-made models: one that reads the description, one that remembers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from elmm.fact_swap import TEXT_FACTS, fact_swap, swapped
+from elmm.kg.synthetic import ATTRIBUTE_RELATIONS, CONCEPTS, FACT_CLAUSES
+from elmm.model import QueryOutput
+
+
+class _Oracle(nn.Module):
+    """Scores 1 on the concept a query's answer is taken to be: read from the prompt's text (reader)
+    or looked up by the anchor in the latent table (memoriser); 0 elsewhere."""
+
+    def __init__(self, ws, latent: pd.DataFrame, reads: bool):
+        super().__init__()
+        self.ws, self.reads = ws, reads
+        self.truth = latent.set_index("entity")
+        self.entity = {e: i for i, e in enumerate(ws.kg.entities["id"].astype(str))}
+        self.kinds = [ATTRIBUTE_RELATIONS.get(r) for r in ws.kg.relations["id"].astype(str)]
+
+    def forward(self, patches, cls, slot_mask, text, **_):
+        scores = torch.zeros(len(text.anchors), self.ws.kg.num_entities)
+        for i, (a, r) in enumerate(zip(text.anchors.tolist(), text.relations.tolist())):
+            kind = self.kinds[r]
+            if self.reads:
+                words = self.ws.backbone.tokenizer.decode(text.ids[i][text.mask[i]])
+                pattern = FACT_CLAUSES[kind].replace("{}", "(\\w+)")
+                found = [v for v in re.findall(pattern, words) if v in CONCEPTS[kind]]
+                assert found, (words, pattern)
+                value = found[0]
+            else:
+                value = self.truth.loc[a, kind]
+            scores[i, self.entity[f"{kind}:{value}"]] = 1.0
+        return QueryOutput(scores=scores, query=scores, image_tokens=0)
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_a_reader_follows_the_rewrite_and_a_memoriser_keeps_its_answer(make_workspace, micro_env, reads) -> None:
+    ws = make_workspace(micro_env.params_with(max_text_tokens=512))  # the micro params cut descriptions at 8
+    latent = pd.read_parquet(Path(micro_env.kg_dir) / "latent.parquet")
+    table = fact_swap(ws, _Oracle(ws, latent, reads), latent, batch_size=3)
+    relations = {f"{ws.kg.relations['name'].iloc[i]} ({s})" for i, r in enumerate(ws.kg.relations["id"].astype(str))
+                 if ATTRIBUTE_RELATIONS.get(r) in TEXT_FACTS for s in ("train", "test")}
+    assert relations <= set(table) and {"text relations (train)", "text relations (test)"} <= set(table)
+    pooled = table["text relations (train)"]
+    assert pooled["queries"] == sum(table[k]["queries"] for k in relations if k.endswith("(train)")) > 0
+    for key, row in table.items():
+        if row["queries"]:
+            assert row["accuracy"] == 1.0
+            assert (row["follows"], row["keeps"]) == ((1.0, 0.0) if reads else (0.0, 1.0)), key
+
+
+def test_the_rewrite_is_another_value_of_the_same_kind() -> None:
+    for kind in TEXT_FACTS:
+        values = CONCEPTS[kind]
+        assert sorted(swapped(v, values) for v in values) == sorted(values)
+        assert all(swapped(v, values) != v for v in values)
+
+
+def test_clauses_cut_off_by_the_prompt_length_are_left_out(make_workspace, micro_env) -> None:
+    """At the micro params' 8 description tokens most clauses are cut off: fewer queries are probed."""
+    latent = pd.read_parquet(Path(micro_env.kg_dir) / "latent.parquet")
+    counts = []
+    for tokens in (8, 512):
+        ws = make_workspace(micro_env.params_with(max_text_tokens=tokens))
+        table = fact_swap(ws, _Oracle(ws, latent, reads=False), latent)
+        counts.append(sum(row["queries"] for key, row in table.items() if key.startswith("text relations")))
+    assert counts[0] < counts[1]
