@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from elmm.fact_swap import TEXT_FACTS, fact_swap, swapped
+from elmm.fact_swap import NEEDS, TEXT_FACTS, fact_swap, materialise, resolve_rev, swapped
 from elmm.kg.synthetic import ATTRIBUTE_RELATIONS, CONCEPTS, FACT_CLAUSES
 from elmm.model import QueryOutput
 
@@ -74,3 +75,37 @@ def test_clauses_cut_off_by_the_prompt_length_are_left_out(make_workspace, micro
         table = fact_swap(ws, _Oracle(ws, latent, reads=False), latent)
         counts.append(sum(row["queries"] for key, row in table.items() if key.startswith("text relations")))
     assert counts[0] < counts[1]
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_rev_resolves_experiment_names_and_materialises_its_files(tmp_path, monkeypatch) -> None:
+    """--rev: an experiment's name is its refs/exps commit (anything else is passed on as a rev);
+    the probe's inputs come out as committed there, and a commit without them is a clear error."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@t")
+    _git(repo, "config", "user.name", "t")
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+    for path in NEEDS:
+        target = repo / path if path.endswith(".yaml") else repo / path / "part.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"{path} at the experiment\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "experiment")
+    sha = _git(repo, "rev-parse", "HEAD")
+    _git(repo, "update-ref", "refs/exps/ab/cdef/my-run", sha)
+    (repo / "params.yaml").write_text("changed later\n")
+    _git(repo, "commit", "-qam", "later")
+    monkeypatch.chdir(repo)
+    assert resolve_rev("my-run") == sha and resolve_rev("HEAD~1") == "HEAD~1"
+    out = materialise(resolve_rev("my-run"), tmp_path / "out")
+    assert (out / "params.yaml").read_text() == "params.yaml at the experiment\n"
+    assert (out / "data/model/part.txt").read_text() == "data/model at the experiment\n"
+    _git(repo, "rm", "-rq", "data/model")
+    _git(repo, "commit", "-qm", "no model")
+    with pytest.raises(SystemExit, match="data/model is not in the commit"):
+        materialise("HEAD", tmp_path / "out2")

@@ -9,7 +9,7 @@ is in train can be answered from memory; those in test only by reading, so the t
 apart.
 
     python -m elmm.fact_swap                 # the workspace's model after `dvc repro`; JSON to stdout
-    python -m elmm.fact_swap --root DIR      # another checkout's
+    python -m elmm.fact_swap --rev NAME      # a finished DVC experiment's (or a commit's), from the cache
 
 Per relation and split: `accuracy` (top-1 among the kind's concepts, the description as it is),
 `follows` (top-1 is the rewritten value), `keeps` (top-1 is still the original value) and
@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
+import tempfile
 from contextlib import chdir
 from pathlib import Path
 
@@ -121,28 +123,67 @@ def _row(hits: np.ndarray, chance: float | None) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m elmm.fact_swap", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default=".", help="the repository after `dvc repro` (default: here)")
-    ap.add_argument("--out", help="also write the table to this JSON file")
-    args = ap.parse_args(argv)
+NEEDS = ("params.yaml", "data/kg", "data/backbone", "data/encoded", "data/model")  # what load_trained reads
+
+
+def resolve_rev(name: str) -> str:
+    """The commit of a DVC experiment called `name` (refs/exps/.../name), else `name` as a git rev."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+                          capture_output=True, text=True).stdout.split("\n")
+    hits = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    if len(hits) > 1:
+        raise SystemExit(f"error: {len(hits)} experiments are called {name!r}; pass the commit instead")
+    return hits[0] if hits else name
+
+
+def materialise(rev: str, dest: Path) -> Path:
+    """The probe's inputs (NEEDS) as committed at `rev`, copied from git and the DVC cache into `dest`."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(".", rev=rev)
+    for path in NEEDS:
+        if not fs.exists(path):
+            raise SystemExit(f"error: {path} is not in the commit {rev} (an experiment still running, or "
+                             "outputs not in this cache)")
+        fs.get(path, str(dest / path), recursive=fs.isdir(path))
+    return dest
+
+
+def probe(root: Path) -> dict | None:
+    """The table for the trained pipeline under `root`; None (after saying why) if its files are missing."""
     from .config import load_params
     from .model_io import load_trained
     from .workspace import open_workspace
 
-    root = Path(args.root)
     for need in ("params.yaml", "data/kg/latent.parquet", "data/model"):
         if not (root / need).exists():
             print(f"error: {root / need}: missing (the probe needs the synthetic world and a trained model; "
                   "run `dvc repro`)", file=sys.stderr)
-            return 2
+            return None
     with chdir(root):
         ws = open_workspace(load_params("params.yaml"))
         model = load_trained(ws, "data/model")
         latent = pd.read_parquet("data/kg/latent.parquet")
-    table = fact_swap(ws, model, latent)
-    text = json.dumps(table, indent=1)
-    print(text)
+    return fact_swap(ws, model, latent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m elmm.fact_swap", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=".", help="the repository after `dvc repro` (default: here)")
+    ap.add_argument("--rev", help="a DVC experiment's name or a commit: its outputs, from this repository's cache")
+    ap.add_argument("--out", help="also write the table to this JSON file")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    if args.rev:
+        with tempfile.TemporaryDirectory(prefix="fact_swap-") as tmp:
+            with chdir(root):
+                materialise(resolve_rev(args.rev), Path(tmp))
+            table = probe(Path(tmp))
+    else:
+        table = probe(root)
+    if table is None:
+        return 2
+    print(json.dumps(table, indent=1))
     if args.out:
         from .io import write_json
         write_json(args.out, table)
