@@ -25,6 +25,7 @@ from elmm.pretraining import (
     lm_loss,
     pretrain,
     reading_exercises,
+    reading_loss,
     text_corpus,
     tokenizer_texts,
 )
@@ -118,16 +119,16 @@ def test_lm_loss_is_the_next_token_loss_after_the_picture(kg) -> None:
     assert_close(got, torch.tensor(total / count), rtol=1e-5, atol=1e-5)
 
 
-def test_answer_only_reading_loss_scores_the_value_tokens(kg) -> None:
-    """reading_loss=answer: the loss is the mean next-token loss of the tokens after the exercise's
-    prefix (the value and the closing " ."), each written out by hand; `line` scores every token."""
+def test_reading_loss_modes(kg) -> None:
+    """pretrain.reading_loss: `line` is lm_loss (every token); `answer` the mean next-token loss of
+    the tokens after the exercise's prefix (the value and the closing " ."), each written out by
+    hand; `both` the sum of the two."""
     backbone = _fresh(kg)
     enc = Encoder(backbone)
     items = reading_exercises(3, seed=0, stream=0, taken=set())
-    line, answer = enc.exercises(items, answer_only=False), enc.exercises(items, answer_only=True)
-    assert line.scored is None and torch.equal(answer.ids, line.ids)
+    batch = enc.exercises(items)
     with torch.no_grad():
-        got = lm_loss(backbone, answer, -2)
+        got = {mode: reading_loss(backbone, batch, mode) for mode in ("line", "answer", "both")}
         total, count = 0.0, 0
         for x in items:
             ids = torch.tensor([enc.bos, *enc.ids(x.line)])
@@ -137,9 +138,11 @@ def test_answer_only_reading_loss_scores_the_value_tokens(kg) -> None:
             for j in range(start, len(ids)):
                 total += float(F.cross_entropy(backbone.lm_head(hidden[j - 1])[None], ids[j:j + 1]))
                 count += 1
-        assert count < int(line.mask.sum()) - 3  # the answer is a small part of each line
-    assert_close(got, torch.tensor(total / count), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, lm_loss(backbone, line, -2))
+        assert count == int(batch.answer.sum()) < int(batch.mask.sum()) - 3  # the answer is a small part of each line
+        assert_close(got["line"], lm_loss(backbone, batch, -2), rtol=0, atol=0)
+    assert_close(got["answer"], torch.tensor(total / count), rtol=1e-5, atol=1e-5)
+    assert_close(got["both"], got["line"] + got["answer"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got["answer"], got["line"])
 
 
 def test_attention_diagnostics_are_computed(kg) -> None:

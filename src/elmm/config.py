@@ -77,7 +77,7 @@ class PretrainParams:
     caption_share: float = 0.5  # share of steps that are caption batches (the rest read text)
     triples_after: float = 0.3  # share of the steps before verbalised train triples join the text
     reading_share: float = 0.5  # share of the text steps that are reading exercises about invented entities
-    reading_loss: Literal["line", "answer"] = "line"  # exercises' loss on every token, or on the answer only
+    reading_loss: Literal["line", "answer", "both"] = "line"  # the exercises' loss: every token, the answer, or both means
     pictures: int = 4000  # rendered caption pictures to train on
     heldout_pictures: int = 256
     heldout_text: float = 0.05  # share of text lines kept out, to measure held-out loss

@@ -158,7 +158,7 @@ class Batch:
     ids: torch.Tensor  # [B, L] token ids (BOS first), right-padded
     mask: torch.Tensor  # [B, L] True on real tokens
     pixels: torch.Tensor | None = None  # [B, ...] preprocessed pictures (caption batches)
-    scored: torch.Tensor | None = None  # [B, L] True on the tokens whose prediction is in the loss (default: mask)
+    answer: torch.Tensor | None = None  # [B, L] reading exercises: True on the answer's tokens (value and " .")
 
 
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,14 +185,11 @@ class Encoder:
     def texts(self, lines: list[str]) -> Batch:
         return Batch(*_pad([[self.bos, *self.ids(x)] for x in lines], self.pad))
 
-    def exercises(self, items: list[Exercise], answer_only: bool) -> Batch:
-        """Reading exercises; with `answer_only` the loss scores only the answer's value and the
-        closing " .": the rest of a line (an invented name, filler clauses) is unpredictable or
-        already learnt from the descriptions, and would dilute the one token that needs reading."""
+    def exercises(self, items: list[Exercise]) -> Batch:
+        """Reading exercises, with `answer` marking each line's answer tokens (`reading_loss`)."""
         batch = self.texts([x.line for x in items])
-        if answer_only:
-            starts = torch.tensor([1 + len(self.ids(x.prefix)) for x in items])  # BOS + prefix
-            batch.scored = batch.mask & (torch.arange(batch.ids.shape[1]) >= starts[:, None])
+        starts = torch.tensor([1 + len(self.ids(x.prefix)) for x in items])  # BOS + prefix
+        batch.answer = batch.mask & (torch.arange(batch.ids.shape[1]) >= starts[:, None])
         return batch
 
     def pixels(self, jpegs: list[bytes]) -> torch.Tensor:
@@ -213,10 +210,35 @@ class Encoder:
 def lm_loss(backbone: Backbone, batch: Batch, feature_layer: int, reduction: str = "mean") -> torch.Tensor:
     """Next-token loss of the text of `batch`; a caption batch has its pictures' tokens as a prefix
     (after BOS), as LLaVA places them: [<s>, image tokens, caption]."""
+    losses, valid = token_losses(backbone, batch, feature_layer)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / valid.sum().clamp(min=1)
+
+
+def reading_loss(backbone: Backbone, batch: Batch, mode: str) -> torch.Tensor:
+    """The loss of a batch of reading exercises (`pretrain.reading_loss`): `line`, the next-token
+    loss of every token (lm_loss); `answer`, of the answer's tokens only; `both`, the sum of the two
+    means. Most of a line (an invented name, filler clauses) is unpredictable or learnt from the
+    descriptions already, and in the line's mean the one token that needs reading weighs ~1/40."""
+    losses, valid = token_losses(backbone, batch)
+    line = losses.sum() / valid.sum().clamp(min=1)
+    if mode == "line":
+        return line
+    answer = batch.answer[:, 1:]
+    on_answer = (losses * answer).sum() / answer.sum().clamp(min=1)
+    return on_answer if mode == "answer" else line + on_answer
+
+
+def token_losses(backbone: Backbone, batch: Batch, feature_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each text token's next-token loss [B, L - 1] (0 on padding) and where it is real;
+    `feature_layer` is the vision tower's layer for a caption batch's pictures."""
     embeds = backbone.embed_tokens(batch.ids)
     mask = batch.mask
     prefix = 0
     if batch.pixels is not None:
+        if feature_layer is None:
+            raise ValueError("a batch with pictures needs the vision feature_layer")
         _, patches = backbone.vision_features(batch.pixels, feature_layer)
         image = backbone.project_images(patches).to(embeds.dtype)  # [B, M', D]
         prefix = image.shape[1]
@@ -226,12 +248,9 @@ def lm_loss(backbone: Backbone, batch: Batch, feature_layer: int, reduction: str
     # Text token j >= 1 sits at decoder position prefix + j and is predicted one position earlier.
     logits = backbone.lm_head(hidden[:, prefix:prefix + batch.ids.shape[1] - 1])
     targets = batch.ids[:, 1:]
-    valid = (batch.mask if batch.scored is None else batch.scored)[:, 1:]
+    valid = batch.mask[:, 1:]
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    losses = losses.view(targets.shape) * valid
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / valid.sum().clamp(min=1)
+    return losses.view(targets.shape) * valid, valid
 
 
 @contextlib.contextmanager
@@ -267,7 +286,7 @@ def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, 
 
     Step s is a caption batch when s % round(1 / caption_share) == 0; otherwise, with probability
     `reading_share`, a batch of fresh reading exercises (`reading_exercises`; the loss on every
-    token, or with `reading_loss: answer` on the answer only), else a text batch of
+    token, on the answer only, or both: `reading_loss`), else a text batch of
     descriptions (and, after `triples_after` of the steps, triples). Everything random is drawn
     from `seed`, so the same inputs give the same weights.
     """
@@ -291,13 +310,13 @@ def pretrain(backbone: Backbone, corpus: TextCorpus, pictures: list[tuple[Look, 
         elif gen.random() < p.reading_share:
             if len(exercises) < p.batch_size:  # drawn in blocks, from the stream of this step
                 exercises = reading_exercises(64 * p.batch_size, seed, 1000 + step, taken_names)
-            kind, batch = "reading", enc.exercises(exercises[-p.batch_size:], p.reading_loss == "answer")
+            kind, batch = "reading", enc.exercises(exercises[-p.batch_size:])
             del exercises[-p.batch_size:]
         else:
             pool = corpus.descriptions + (corpus.triples if step >= with_triples else [])
             pick = gen.choice(len(pool), size=min(p.batch_size, len(pool)), replace=False)
             kind, batch = "text", enc.texts([pool[i] for i in pick])
-        loss = lm_loss(backbone, batch, feature_layer)
+        loss = reading_loss(backbone, batch, p.reading_loss) if kind == "reading" else lm_loss(backbone, batch, feature_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
