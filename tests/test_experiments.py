@@ -73,6 +73,7 @@ def test_a_param_added_later_takes_its_default_in_older_runs():
     assert "entity_token" in markdown_table(rows)
     # a run from before train.loss existed trained eq. 15's bce, not today's default (BEFORE_ADDED)
     assert first[0]["params"]["train"]["loss"] == "bce" != Params().train.loss
+    assert first[0]["params"]["pretrain"]["reading_loss"] == "line" != Params().pretrain.reading_loss
 
 
 def test_runs_of_two_commits_sharing_a_name_but_not_params_are_two_groups():
@@ -167,8 +168,8 @@ def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
 def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
     """At the default K = L/2 (ridge, closed form), half-ridge is the baseline and the other half-*
     runs repeat paper-wc, no-linear and no-init, and the entity token's variants at the default
-    position and of the default kind and the default loss's variant are the baseline: only the
-    distinct runs are queued."""
+    position and of the default kind, the default loss's and the default pretraining's variants are
+    the baseline: only the distinct runs are queued."""
     import yaml
 
     from elmm.experiments import LR_SWEEP
@@ -182,7 +183,10 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
     kind = base["model"]["entity_token"]  # its variant (entity-token-free, -relational, -complex) is the baseline too
     assert said == [f"skipping entity-token-{base['model']['entity_token_at']}: the same params as the baseline"] + (
         [f"skipping entity-token-{kind}: the same params as the baseline"] if kind != "none" else []) + [
-                    f"skipping loss-{base['train']['loss']}: the same params as the baseline",
+                    f"skipping loss-{base['train']['loss']}: the same params as the baseline"] + (
+        # the pretraining's variant that is the default (reading-both since it was measured)
+        [f"skipping reading-{pre['reading_loss']}: the same params as the baseline"]
+        if (pre := base["pretrain"])["reading_loss"] in ("line", "both") else []) + [
                     "skipping half-ridge: the same params as the baseline",
                     "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
                     "skipping half-zero-init: the same params as no-init"] + (

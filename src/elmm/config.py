@@ -69,15 +69,15 @@ class TinyBackboneParams:
 
 @dataclass
 class PretrainParams:
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     caption_share: float = 0.5  # share of steps that are caption batches (the rest read text)
     triples_after: float = 0.3  # share of the steps before verbalised train triples join the text
-    reading_share: float = 0.5  # share of the text steps that are reading exercises about invented entities
-    reading_loss: Literal["line", "answer", "both"] = "line"  # the exercises' loss: every token, the answer, or both means
+    reading_share: float = 0.8  # share of the text steps that are reading exercises about invented entities
+    reading_loss: Literal["line", "answer", "both"] = "both"  # the exercises' loss: every token, the answer, or both means
     pictures: int = 4000  # rendered caption pictures to train on
     heldout_pictures: int = 256
     heldout_text: float = 0.05  # share of text lines kept out, to measure held-out loss

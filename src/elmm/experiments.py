@@ -91,6 +91,13 @@ ABLATIONS = {
     "loss-bce": ["train.loss=bce"],
     "loss-softmax": ["train.loss=softmax"],
     "loss-softmax-knowledge": ["train.loss=softmax", KNOWLEDGE_ON],
+    # the backbone's pretraining: reading exercises scored on the whole line (the default before), or
+    # on the line and the answer, with more of them (the default since it was measured)
+    "reading-line": ["pretrain.reading_loss=line", "pretrain.reading_share=0.5", "pretrain.steps=400"],
+    "reading-both": ["pretrain.reading_loss=both", "pretrain.reading_share=0.8", "pretrain.steps=600"],
+    # the anchor's vector left out of half the training queries, so the answers must also come from
+    # the pictures and the description (the vector can memorise every training fact)
+    "entity-token-dropout": ["model.entity_token_dropout=0.5"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
@@ -139,7 +146,7 @@ def _row(name: str, data: dict) -> dict | None:
 #: Params whose current default is not the behaviour before they existed, with that behaviour's
 #: value: a run made before the param was added is read with it (`with_defaults`).
 BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0, "model.entity_token_at": "name",
-                "train.loss": "bce"}
+                "train.loss": "bce", "pretrain.reading_loss": "line"}
 
 
 def _defaults_before_added() -> dict:
