@@ -118,6 +118,18 @@ def test_config_defaults_agree_with_params_yaml() -> None:
     assert yaml.safe_load((ROOT / "params.yaml").read_text()) == to_dict(Params())
 
 
+def test_train_depends_on_every_model_param_it_builds_from() -> None:
+    """The train stage builds its model from every `model.*` key but the backbone's (which reach it
+    through data/backbone): a key missing from its params lets DVC restore another run's outputs
+    from the run cache (model.entity_token_dropout was, until caught by its queued runs' metrics
+    equalling the baseline's)."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    declared = {p for p in stage["params"] if isinstance(p, str)}
+    model_keys = set(yaml.safe_load((ROOT / "params.yaml").read_text())["model"]) - {"backbone", "tiny"}
+    missing = {k for k in model_keys if f"model.{k}" not in declared and "model" not in declared}
+    assert not missing, f"dvc.yaml's train stage lacks params {sorted(missing)}"
+
+
 def _entry_points() -> list[list[str]]:
     stages = [[sys.executable, str(s)] for s in sorted(STAGES.glob("[!_]*.py"))]
     modules = [[sys.executable, "-m", m] for m in ("elmm.experiments", "elmm.predict", "elmm.param_count", "elmm.kge")]
