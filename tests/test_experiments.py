@@ -186,7 +186,8 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
                     f"skipping loss-{base['train']['loss']}: the same params as the baseline"] + (
         # the pretraining's variant that is the default (reading-both since it was measured)
         [f"skipping reading-{pre['reading_loss']}: the same params as the baseline"]
-        if (pre := base["pretrain"])["reading_loss"] in ("line", "both") else []) + [
+        if ((pre := base["pretrain"])["reading_loss"], pre["reading_share"], pre["steps"]) in (("line", 0.5, 400),
+                                                                                   ("both", 0.8, 600)) else []) + [
                     "skipping half-ridge: the same params as the baseline",
                     "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
                     "skipping half-zero-init: the same params as no-init"] + (

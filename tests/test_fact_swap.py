@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from elmm.fact_swap import NEEDS, TEXT_FACTS, fact_swap, materialise, resolve_rev, swapped
+from elmm.fact_swap import NEEDS, SPLITS, TEXT_FACTS, fact_swap, materialise, resolve_rev, swapped
 from elmm.kg.synthetic import ATTRIBUTE_RELATIONS, CONCEPTS, FACT_CLAUSES
 from elmm.model import QueryOutput
 
@@ -49,10 +49,16 @@ def test_a_reader_follows_the_rewrite_and_a_memoriser_keeps_its_answer(make_work
     latent = pd.read_parquet(Path(micro_env.kg_dir) / "latent.parquet")
     table = fact_swap(ws, _Oracle(ws, latent, reads), latent, batch_size=3)
     relations = {f"{ws.kg.relations['name'].iloc[i]} ({s})" for i, r in enumerate(ws.kg.relations["id"].astype(str))
-                 if ATTRIBUTE_RELATIONS.get(r) in TEXT_FACTS for s in ("train", "test")}
-    assert relations <= set(table) and {"text relations (train)", "text relations (test)"} <= set(table)
-    pooled = table["text relations (train)"]
-    assert pooled["queries"] == sum(table[k]["queries"] for k in relations if k.endswith("(train)")) > 0
+                 if ATTRIBUTE_RELATIONS.get(r) in TEXT_FACTS for s in SPLITS}
+    assert relations <= set(table) and {f"text relations ({s})" for s in SPLITS} <= set(table)
+    for s in SPLITS:  # each fact's query counted once, in the split its triple is in
+        in_split = {tuple(t) for t in ws.kg.triples[s].tolist()}
+        facts = sum((o, r, ws.kg.entities["id"].tolist().index(f"{kind}:{latent[kind][o]}")) in in_split
+                    for r, kind in enumerate(ATTRIBUTE_RELATIONS.get(x) for x in ws.kg.relations["id"].astype(str))
+                    if kind in TEXT_FACTS for o in latent["entity"] if latent[kind][o])
+        pooled = table[f"text relations ({s})"]["queries"]
+        assert pooled == sum(table[k]["queries"] for k in relations if k.endswith(f"({s})")) == facts
+    assert table["text relations (train)"]["queries"] > 0
     for key, row in table.items():
         if row["queries"]:
             assert row["accuracy"] == 1.0
@@ -94,18 +100,21 @@ def test_rev_resolves_experiment_names_and_materialises_its_files(tmp_path, monk
         target = repo / path if path.endswith(".yaml") else repo / path / "part.txt"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(f"{path} at the experiment\n")
+    subprocess.run(["dvc", "add", "-q", "data/model"], cwd=repo, check=True)  # a DVC output, as in the pipeline
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "experiment")
     sha = _git(repo, "rev-parse", "HEAD")
     _git(repo, "update-ref", "refs/exps/ab/cdef/my-run", sha)
     (repo / "params.yaml").write_text("changed later\n")
+    (repo / "data/model/part.txt").write_text("a later model\n")
+    subprocess.run(["dvc", "add", "-q", "data/model"], cwd=repo, check=True)
     _git(repo, "commit", "-qam", "later")
     monkeypatch.chdir(repo)
     assert resolve_rev("my-run") == sha and resolve_rev("HEAD~1") == "HEAD~1"
     out = materialise(resolve_rev("my-run"), tmp_path / "out")
     assert (out / "params.yaml").read_text() == "params.yaml at the experiment\n"
-    assert (out / "data/model/part.txt").read_text() == "data/model at the experiment\n"
-    _git(repo, "rm", "-rq", "data/model")
+    assert (out / "data/model/part.txt").read_text() == "data/model at the experiment\n"  # from the cache
+    _git(repo, "rm", "-q", "data/model.dvc")
     _git(repo, "commit", "-qm", "no model")
     with pytest.raises(SystemExit, match="data/model is not in the commit"):
         materialise("HEAD", tmp_path / "out2")

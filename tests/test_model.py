@@ -782,7 +782,6 @@ def test_tied_entity_token_adds_a_map_of_the_anchors_own_row(micro_workspace) ->
     assert bool((grad[q.anchors] > 0).all())
 
 
-
 def test_entity_token_dropout_leaves_whole_vectors_out_in_training_only(micro_workspace) -> None:
     """model.entity_token_dropout: in training each query's vector is added whole or not at all
     (about the given share left out, no rescaling); in evaluation it is always added, so the scores
@@ -809,5 +808,7 @@ def test_entity_token_dropout_leaves_whole_vectors_out_in_training_only(micro_wo
         assert bool((whole ^ none).all())
         kept.append(whole.float().mean())
     assert 0.35 < float(torch.stack(kept).mean()) < 0.65
-    with pytest.raises(ParamsError, match="model.entity_token_dropout"):
+    with pytest.raises(ParamsError, match=r"model.entity_token_dropout: must be in \[0, 1\)"):
         validate(from_dict({"model": {"entity_token_dropout": 1.0}}))
+    with pytest.raises(ParamsError, match="model.entity_token_dropout: needs an entity token"):
+        validate(from_dict({"model": {"entity_token_dropout": 0.5, "entity_token": "none"}}))

@@ -296,7 +296,8 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 def _check_fraction(value: float, key: str, *, closed: bool = True) -> None:
-    _require(0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0, key, f"must be in [0, 1], got {value}")
+    _require(0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0, key,
+             f"must be in [0, 1{']' if closed else ')'}, got {value}")
 
 
 def validate(p: Params, num_layers: int | None = None) -> None:
@@ -340,6 +341,9 @@ def validate(p: Params, num_layers: int | None = None) -> None:
              f"must be a multiple of model.tiny.patch_size ({t.patch_size})")
     _require(t.vocab_size >= 300, "model.tiny.vocab_size", "must be at least 300 (byte alphabet + specials)")
     _require(p.model.mvtc.heads >= 1, "model.mvtc.heads", "must be at least 1")
+    _check_fraction(p.model.entity_token_dropout, "model.entity_token_dropout", closed=False)
+    _require(p.model.entity_token_dropout == 0 or p.model.entity_token != "none", "model.entity_token_dropout",
+             "needs an entity token (model.entity_token is none)")
     _require(p.model.mvtc.value_rank >= 1, "model.mvtc.value_rank", "must be at least 1")
     if p.model.mvtc.enabled:
         _require(p.model.mvtc.text_view or p.model.mvtc.image_view, "model.mvtc.text_view",
@@ -364,7 +368,6 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _check_fraction(pp.caption_share, "pretrain.caption_share")
     _check_fraction(pp.triples_after, "pretrain.triples_after")
     _check_fraction(pp.reading_share, "pretrain.reading_share")
-    _require(0 <= p.model.entity_token_dropout < 1, "model.entity_token_dropout", "must be in [0, 1)")
     _require(pp.pictures >= pp.batch_size or pp.caption_share == 0, "pretrain.pictures",
              f"must be at least pretrain.batch_size ({pp.batch_size})")
     _require(pp.heldout_pictures >= 1, "pretrain.heldout_pictures", "must be at least 1")

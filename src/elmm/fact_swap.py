@@ -5,8 +5,8 @@ Every object's description names its three text facts in one clause each ("made 
 the next value of the same kind ("made of glass") and ranks the kind's concepts for the tail query
 (object, relation, ?) under both descriptions. A model that reads follows the rewrite; one that
 memorised the fact (in its entity token, or from the name) keeps its answer. Queries whose triple
-is in train can be answered from memory; those in test only by reading, so the two are reported
-apart.
+is in train can be answered from memory; those in valid (which only chose the kept epoch) and test
+only by reading, so the three are reported apart.
 
     python -m elmm.fact_swap                 # the workspace's model after `dvc repro`; JSON to stdout
     python -m elmm.fact_swap --rev NAME      # a finished DVC experiment's (or a commit's), from the cache
@@ -39,6 +39,7 @@ from .prompt import PromptBuilder
 from .workspace import Workspace
 
 TEXT_FACTS = ("category", "region", "material")  # the attributes only the description shows
+SPLITS = ("train", "valid", "test")  # train: trained on (memorisable); valid: only chose the epoch; test
 
 
 def swapped(value: str, values: tuple[str, ...]) -> str:
@@ -49,16 +50,22 @@ def swapped(value: str, values: tuple[str, ...]) -> str:
 @torch.no_grad()
 def fact_swap(ws: Workspace, model, latent: pd.DataFrame, batch_size: int = 128) -> dict:
     """The probe's table (module docstring) for `model` on the workspace's synthetic KG."""
+    split_of = {tuple(t): name for name in SPLITS for t in ws.kg.triples[name].tolist()}
+    was_training = model.training
+    model.eval()
+    try:
+        return _probe(ws, model, latent, batch_size, split_of)
+    finally:
+        model.train(was_training)
+
+
+def _probe(ws: Workspace, model, latent: pd.DataFrame, batch_size: int, split_of: dict) -> dict:
     from .batches import forward_batch, make_batch
 
     kg = ws.kg
     names, descriptions = kg.entities["name"].tolist(), kg.entities["description"].tolist()
     relation_ids = kg.relations["id"].astype(str).tolist()
     entity = {e: i for i, e in enumerate(kg.entities["id"].astype(str))}
-    train = {tuple(t) for t in kg.triples["train"].tolist()} | {tuple(t) for t in kg.triples["valid"].tolist()}
-    test = {tuple(t) for t in kg.triples["test"].tolist()}
-    was_training = model.training
-    model.eval()
     out: dict[str, dict] = {}
     pooled: dict[str, list[np.ndarray]] = {}
     for rel_id, kind in ATTRIBUTE_RELATIONS.items():
@@ -70,15 +77,17 @@ def fact_swap(ws: Workspace, model, latent: pd.DataFrame, batch_size: int = 128)
         objects, original, rewritten, split = [], [], [], []
         edited = list(descriptions)
         for o, v in zip(latent["entity"].tolist(), latent[kind].tolist()):
-            if v is None or v != v or clause.format(v) not in descriptions[o]:
+            if not v or clause.format(v) not in descriptions[o]:
                 continue  # concepts have no facts; a description without the clause cannot be rewritten
-            triple = (o, r, int(concepts[values.index(v)]))
-            where = "test" if triple in test else "train" if triple in train else None
+            where = split_of.get((o, r, int(concepts[values.index(v)])))
             if where is None:
                 continue  # the fact is not a triple of this KG
             w = swapped(v, values)
             edited[o] = descriptions[o].replace(clause.format(v), clause.format(w))
-            objects.append(o), original.append(values.index(v)), rewritten.append(values.index(w)), split.append(where)
+            objects.append(o)
+            original.append(values.index(v))
+            rewritten.append(values.index(w))
+            split.append(where)
         if not objects:
             continue
         builders = {"as is": ws.prompts,
@@ -103,14 +112,13 @@ def fact_swap(ws: Workspace, model, latent: pd.DataFrame, batch_size: int = 128)
             top[tag] = torch.cat(picks).numpy()
         orig, new, where = np.array(original), np.array(rewritten), np.array(split)
         name = kg.relations["name"].iloc[r]
-        for s in ("train", "test"):
+        for s in SPLITS:
             m = where == s
             rows = np.stack([top["as is"][m] == orig[m], top["rewritten"][m] == new[m], top["rewritten"][m] == orig[m]])
             pooled.setdefault(s, []).append(rows)
             out[f"{name} ({s})"] = _row(rows, 1 / len(values))
     for s, parts in pooled.items():
         out[f"text relations ({s})"] = _row(np.concatenate(parts, axis=1), None)
-    model.train(was_training)
     return out
 
 
@@ -145,7 +153,10 @@ def materialise(rev: str, dest: Path) -> Path:
         if not fs.exists(path):
             raise SystemExit(f"error: {path} is not in the commit {rev} (an experiment still running, or "
                              "outputs not in this cache)")
-        fs.get(path, str(dest / path), recursive=fs.isdir(path))
+        try:
+            fs.get(path, str(dest / path), recursive=fs.isdir(path))
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {path} at {rev}: not in this repository's DVC cache ({e})") from e
     return dest
 
 

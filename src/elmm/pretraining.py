@@ -188,7 +188,11 @@ class Encoder:
     def exercises(self, items: list[Exercise]) -> Batch:
         """Reading exercises, with `answer` marking each line's answer tokens (`reading_loss`)."""
         batch = self.texts([x.line for x in items])
-        starts = torch.tensor([1 + len(self.ids(x.prefix)) for x in items])  # BOS + prefix
+        prefixes = [self.ids(x.prefix) for x in items]
+        for x, prefix, row in zip(items, prefixes, batch.ids):
+            if row[1:1 + len(prefix)].tolist() != prefix:  # the answer must start at a token boundary
+                raise ValueError(f"reading exercise {x.line!r}: the tokenizer does not split it after its prefix")
+        starts = torch.tensor([1 + len(prefix) for prefix in prefixes])  # BOS + prefix
         batch.answer = batch.mask & (torch.arange(batch.ids.shape[1]) >= starts[:, None])
         return batch
 
@@ -225,6 +229,8 @@ def reading_loss(backbone: Backbone, batch: Batch, mode: str) -> torch.Tensor:
     line = losses.sum() / valid.sum().clamp(min=1)
     if mode == "line":
         return line
+    if batch.answer is None:
+        raise ValueError(f"pretrain.reading_loss={mode} needs a batch from Encoder.exercises (its answer tokens)")
     answer = batch.answer[:, 1:]
     on_answer = (losses * answer).sum() / answer.sum().clamp(min=1)
     return on_answer if mode == "answer" else line + on_answer
