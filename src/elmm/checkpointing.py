@@ -56,6 +56,10 @@ def _digest_file(h, path: Path, max_bytes: int = 64 << 20) -> None:
                 h.update(block)
 
 
+#: The entity token's options, with the value that means the behaviour from before each existed.
+ENTITY_TOKEN_OPTIONS_BEFORE = {"entity_token_at": "name", "entity_token_tied": False, "entity_token_dropout": 0.0}
+
+
 def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable[str | Path] = ()) -> str:
     """What a checkpoint must match to be resumed: the params that shape training (train.* except
     checkpoint_every, seed, the model keys train reads), the input files, and the code."""
@@ -68,14 +72,11 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
                                                       "max_image_tokens": m.max_image_tokens}}
     if m.knowledge.enabled:  # (only then, so that fingerprints of runs without it stay as they were)
         keys["model"]["knowledge"] = asdict(m.knowledge)
-    if m.entity_token != "none":  # (likewise)
+    if m.entity_token != "none":  # (likewise, and each option only away from its behaviour before it existed)
         keys["model"]["entity_token"] = m.entity_token
-        if m.entity_token_at != "name":
-            keys["model"]["entity_token_at"] = m.entity_token_at
-        if m.entity_token_tied:
-            keys["model"]["entity_token_tied"] = True
-        if m.entity_token_dropout:
-            keys["model"]["entity_token_dropout"] = m.entity_token_dropout
+        for key, before in ENTITY_TOKEN_OPTIONS_BEFORE.items():
+            if getattr(m, key) != before:
+                keys["model"][key] = getattr(m, key)
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
     for group in (inputs, code):
         files: list[Path] = []

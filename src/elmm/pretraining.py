@@ -380,12 +380,11 @@ def reading_accuracy(backbone: Backbone, exercises: list[Exercise], batch_size: 
     hits = 0
     for lo in range(0, len(exercises), batch_size):
         chunk = exercises[lo:lo + batch_size]
-        batch = enc.texts([x.line for x in chunk])
+        batch = enc.exercises(chunk)
         hidden = backbone.decoder(inputs_embeds=backbone.embed_tokens(batch.ids),
                                   attention_mask=batch.mask.long()).last_hidden_state
-        for i, x in enumerate(chunk):
-            pos = len(enc.ids(x.prefix))  # BOS + prefix tokens: the value's first token is at index pos + 1
-            hits += int(backbone.lm_head(hidden[i, pos]).argmax()) == enc.ids(x.line)[pos]
+        for i, start in enumerate(batch.answer.int().argmax(1).tolist()):  # the value's first token
+            hits += int(backbone.lm_head(hidden[i, start - 1]).argmax()) == int(batch.ids[i, start])
     return round(hits / len(exercises), 4)
 
 
