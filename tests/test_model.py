@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from elmm.batches import forward_batch, make_batch
@@ -282,6 +283,29 @@ def test_softmax_loss_hand_example() -> None:
     before = known.clone()
     assert_close(softmax_loss(scores, targets, known), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(known, before), "the known mask is not modified in place"
+
+
+def test_softmax_loss_label_smoothing() -> None:
+    """Without masked entities it is F.cross_entropy's label smoothing; with them, the smoothing mass
+    goes to the normaliser's entities only (hand-computed); 0 is the plain loss bit for bit."""
+    scores = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 1.0, -2.0, 4.0]])
+    targets, none = torch.tensor([0, 1]), torch.zeros(2, 4, dtype=torch.bool)
+    assert_close(softmax_loss(scores, targets, none, label_smoothing=0.2),
+                 F.cross_entropy(scores, targets, label_smoothing=0.2), rtol=1e-6, atol=1e-6)
+    assert torch.equal(softmax_loss(scores, targets, none, label_smoothing=0.0), softmax_loss(scores, targets, none))
+    known = torch.tensor([[True, False, False, True], [False, True, False, False]])  # row 0: entity 3 also answers
+    row = [2.0, -1.0, 0.5]  # row 0's normaliser: entity 3 left out
+    logz = math.log(sum(math.exp(v) for v in row))
+    first = 0.7 * (logz - row[0]) + 0.3 * sum(logz - v for v in row) / 3
+    row1 = [0.0, 1.0, -2.0, 4.0]
+    logz1 = math.log(sum(math.exp(v) for v in row1))
+    second = 0.7 * (logz1 - row1[1]) + 0.3 * sum(logz1 - v for v in row1) / 4
+    assert_close(softmax_loss(scores, targets, known, label_smoothing=0.3), torch.tensor((first + second) / 2),
+                 rtol=1e-6, atol=1e-6)
+    with pytest.raises(ParamsError, match=r"train.label_smoothing: must be in \[0, 1\)"):
+        validate(from_dict({"train": {"label_smoothing": 1.0}}))
+    with pytest.raises(ParamsError, match="train.label_smoothing: applies to train.loss: softmax"):
+        validate(from_dict({"train": {"label_smoothing": 0.1, "loss": "bce"}}))
 
 
 def test_softmax_loss_ignores_other_answers_not_the_anchor() -> None:

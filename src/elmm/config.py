@@ -172,6 +172,7 @@ class TrainParams:
     loss: Literal["bce", "softmax"] = "softmax"  # softmax: cross-entropy against every entity | bce: eq. 15, sampled negatives
     negatives: int = 32
     self_denoise: bool = True
+    label_smoothing: float = 0.0  # softmax: this share of the target's mass spread over the normaliser's entities
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -405,6 +406,9 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(tr.negatives >= 1, "train.negatives", "must be at least 1")
     _require(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check_fraction(tr.label_smoothing, "train.label_smoothing", closed=False)
+    _require(tr.label_smoothing == 0 or tr.loss == "softmax", "train.label_smoothing",
+             "applies to train.loss: softmax only (bce scores sampled negatives); set it to 0")
     _require(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(tr.lora.r >= 1, "train.lora.r", "must be at least 1")
     _require(tr.lora.alpha >= 1, "train.lora.alpha", "must be at least 1")

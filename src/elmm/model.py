@@ -452,7 +452,7 @@ def elmm_loss(scores: torch.Tensor, targets: torch.Tensor, negatives: torch.Tens
 
 
 def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
-                 anchors: torch.Tensor | None = None) -> torch.Tensor:
+                 anchors: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of each query's target against every entity (`train.loss: softmax`), batch mean.
 
     The 1vsAll cross-entropy of KGE training (Lacroix et al. 2018; Ruffinelli et al. 2020 found it the
@@ -461,10 +461,22 @@ def softmax_loss(scores: torch.Tensor, targets: torch.Tensor, known: torch.Tenso
     [B, E] True at every known answer of the query: the others than the target are left out of the
     normaliser, as the filtered ranking leaves them out, since they are not negatives. `anchors` [B]
     (`train.self_denoise: false`) are left out too.
+
+    `label_smoothing` eps (`train.label_smoothing`): the target gets 1 - eps of the mass and eps is
+    spread evenly over the normaliser's entities (the target among them), as `F.cross_entropy`'s
+    label smoothing over the classes that are not masked out. Why: against every entity, a query's
+    step pushes down each entity it was not linked to, its community's unlinked members too; a soft
+    target keeps the scores from memorising single edges (TuckER's and ConvE's KGE training).
     """
     others = known.clone()
     batch = torch.arange(len(targets), device=targets.device)
     if anchors is not None:
         others[batch, anchors] = True
     others[batch, targets] = False
-    return F.cross_entropy(scores.masked_fill(others, float("-inf")), targets)
+    masked = scores.masked_fill(others, float("-inf"))
+    if not label_smoothing:
+        return F.cross_entropy(masked, targets)
+    logp = torch.log_softmax(masked, dim=-1)
+    nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    spread = -logp.masked_fill(others, 0.0).sum(1) / (~others).sum(1)
+    return ((1 - label_smoothing) * nll + label_smoothing * spread).mean()

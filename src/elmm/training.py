@@ -168,7 +168,7 @@ def train_model(model: ELMM, ws: Workspace, train_queries: Queries, train_filter
                 with record_function("step: loss"):
                     if every_entity:
                         loss = softmax_loss(out.scores.float(), qs.targets.to(device), known[rows].to(device),
-                                            None if tp.self_denoise else qs.anchors.to(device))
+                                            None if tp.self_denoise else qs.anchors.to(device), tp.label_smoothing)
                     else:
                         b, c = candidates.shape
                         loss = elmm_loss(out.scores.float(), torch.zeros(b, dtype=torch.long, device=device),
