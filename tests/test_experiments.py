@@ -187,7 +187,10 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
         # the pretraining's variant that is the default (reading-both since it was measured)
         [f"skipping reading-{pre['reading_loss']}: the same params as the baseline"]
         if ((pre := base["pretrain"])["reading_loss"], pre["reading_share"], pre["steps"]) in (("line", 0.5, 400),
-                                                                                   ("both", 0.8, 600)) else []) + [
+                                                                                   ("both", 0.8, 600)) else []) + (
+        # the weight-decay variant that is the default (0.3 since it was measured)
+        [f"skipping {'weight-decay' if base['train']['weight_decay'] == 0.3 else 'no-weight-decay'}: the same params "
+         "as the baseline"] if base["train"]["weight_decay"] in (0, 0.3) else []) + [
                     "skipping half-ridge: the same params as the baseline",
                     "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
                     "skipping half-zero-init: the same params as no-init"] + (
