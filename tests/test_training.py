@@ -193,19 +193,22 @@ def test_softmax_loss_moves_every_entity_row(make_workspace, micro_env, loss) ->
 @pytest.mark.parametrize("self_denoise", [True, False])
 def test_softmax_self_denoise_decides_whether_the_anchor_leaves_the_normaliser(make_workspace, micro_env, monkeypatch,
                                                                                 self_denoise) -> None:
-    """train.self_denoise: false hands the batch's anchors to softmax_loss (they leave the normaliser); true none."""
+    """train.self_denoise: false hands the batch's anchors to softmax_loss (they leave the normaliser); true none.
+    train.label_smoothing reaches it as given."""
     ws = make_workspace()
     model = build_model(ws, seed=0)
     set_trainable(model)
     queries = queries_from_triples(ws.kg.triples["train"])
     tp = copy.deepcopy(micro_env.params.train)
     tp.loss, tp.self_denoise, tp.batch_size, tp.max_steps = "softmax", self_denoise, 8, 1
-    seen = []
+    tp.label_smoothing = 0.0 if self_denoise else 0.2
+    seen, smoothing = [], []
     real = training.softmax_loss
 
-    def spy(scores, targets, known, anchors=None):
+    def spy(scores, targets, known, anchors=None, label_smoothing=0.0):
         seen.append(anchors)
-        return real(scores, targets, known, anchors)
+        smoothing.append(label_smoothing)
+        return real(scores, targets, known, anchors, label_smoothing)
 
     monkeypatch.setattr(training, "softmax_loss", spy)
     train_model(model, ws, queries, FilterIndex(ws.kg.triples["train"], ws.kg.num_entities), tp, seed=0,
@@ -213,6 +216,7 @@ def test_softmax_self_denoise_decides_whether_the_anchor_leaves_the_normaliser(m
     first = queries.subset(torch.as_tensor(training.epoch_order(len(queries), 0, 0)[:8]))
     assert len(seen) == 1
     assert seen[0] is None if self_denoise else torch.equal(seen[0].cpu(), first.anchors)
+    assert smoothing == [tp.label_smoothing]
 
 
 def test_early_stopping_keeps_the_best_epoch(make_workspace, micro_env) -> None:
