@@ -302,6 +302,10 @@ def test_softmax_loss_label_smoothing() -> None:
     second = 0.7 * (logz1 - row1[1]) + 0.3 * sum(logz1 - v for v in row1) / 4
     assert_close(softmax_loss(scores, targets, known, label_smoothing=0.3), torch.tensor((first + second) / 2),
                  rtol=1e-6, atol=1e-6)
+    # gradients stay finite and leave the masked entries (another known answer, the left-out anchor) alone
+    x = scores.clone().requires_grad_(True)
+    softmax_loss(x, targets, known, anchors=torch.tensor([2, 0]), label_smoothing=0.3).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0, 3] == 0 and x.grad[0, 2] == 0 and x.grad[1, 0] == 0
     with pytest.raises(ParamsError, match=r"train.label_smoothing: must be in \[0, 1\)"):
         validate(from_dict({"train": {"label_smoothing": 1.0}}))
     with pytest.raises(ParamsError, match="train.label_smoothing: applies to train.loss: softmax"):
