@@ -28,6 +28,12 @@ JSON object.
 
     python benchmarks/train_step.py --repo <repository> --losses --rounds 6 --steps 30
 
+`--variants` does the same for param sets: each is params.yaml with the values given changed (as
+`dvc exp run -S` changes them), its model built beside the others in this process; queries/s are
+counted at each variant's own batch size, e.g. what a setting costs before spending runs on it:
+
+    python benchmarks/train_step.py --rounds 4 --steps 25 --variants base 'b64:train.batch_size=64'
+
 Under torchrun (`torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py ...`) the loop
 runs data-parallel as the train stage does (`train.batch_size` is the global batch, each rank a
 slice of it, DDP over gloo on CPU); rank 0 prints, and the profile is skipped.
@@ -56,15 +62,27 @@ import torch
 PHASE_PREFIX = "step: "
 
 
-def build(repo: Path, pkg: str = "elmm"):
+def build(repo: Path, pkg: str = "elmm", overrides: dict | None = None):
     """(model, workspace, train queries, train filter, params) as stages/train.py builds them, with
-    the package `pkg` (`elmm`, or the copy `--against` imports)."""
+    the package `pkg` (`elmm`, or the copy `--against` imports) and params.yaml's values changed by
+    `overrides` (dotted key -> value, as `dvc exp run -S` takes them)."""
     def mod(name):
         return importlib.import_module(f"{pkg}.{name}")
 
     os.chdir(repo)
     config, queries_mod, model_io = mod("config"), mod("kg.queries"), mod("model_io")
     p = config.load_params("params.yaml")
+    if overrides:
+        raw = config.to_dict(p)
+        for key, value in overrides.items():
+            *path, last = key.split(".")
+            node = raw
+            for part in path:
+                node = node[part]
+            if last not in node:
+                raise SystemExit(f"--variants: params.yaml has no key {key!r}")
+            node[last] = value
+        p = config.from_dict(raw)
     config.validate(p)
     ws = mod("workspace").open_workspace(p)
     model = model_io.build_model(ws, f"data/pruning/{mod('pruning.artifact').PRUNING_FILE}", seed=p.seed)
@@ -113,17 +131,18 @@ def steady(step_seconds: list[float], batch: int) -> dict:
             "median_step_ms": round(1e3 * statistics.median(step_seconds), 2)}
 
 
-def alternate(runs: dict, args, batch: int) -> dict[str, list[float]]:
+def alternate(runs: dict, args, batch: int | dict[str, int]) -> dict[str, list[float]]:
     """Steady queries/s per round of each of `runs` (name -> a callable of `steps` that returns what
-    `run` returns): --warmup steps of each, then --rounds rounds of --steps steps of each in
-    alternating order, all in this one process."""
+    `run` returns) at `batch` queries a step (or name -> its batch): --warmup steps of each, then
+    --rounds rounds of --steps steps of each in alternating order, all in this one process."""
     for go in runs.values():
         go(args.warmup)
     rates = {name: [] for name in runs}
     for r in range(args.rounds):
         for name in (runs if r % 2 == 0 else reversed(runs)):
             _, step_seconds = runs[name](args.steps)
-            rates[name].append(steady(step_seconds, batch)["steady_queries_per_s"])
+            size = batch[name] if isinstance(batch, dict) else batch
+            rates[name].append(steady(step_seconds, size)["steady_queries_per_s"])
     return rates
 
 
@@ -169,6 +188,39 @@ def compare_losses(args) -> dict:
     }
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:key=value,key=value' (values read as YAML: 64, 0.0, true) -> (NAME, overrides);
+    'NAME' alone is params.yaml as it is."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--variants {text!r}: {item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def compare_variants(args) -> dict:
+    """Param sets (`--variants`) side by side in this one process, alternating blocks of --steps
+    steps (the same reason as `compare`). Queries/s per round, counted at each variant's own batch
+    size, and each variant's mean over the first one's."""
+    variants = dict(parse_variant(v) for v in args.variants)
+    built = {name: build(args.repo, overrides=o) for name, o in variants.items()}
+    batch = {name: b[4].train.batch_size * b[4].train.grad_accum for name, b in built.items()}
+    rates = alternate({name: (lambda steps, name=name: run(*built[name], steps)) for name in variants}, args, batch)
+    means = {name: statistics.mean(v) for name, v in rates.items()}
+    first = next(iter(means.values()))
+    return {
+        "entities": built[next(iter(built))][1].kg.num_entities, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps, "variants": variants, "batch_size": batch,
+        "steady_queries_per_s": rates, "mean_queries_per_s": {k: round(v, 1) for k, v in means.items()},
+        "over_first": {k: round(v / first, 3) for k, v in means.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", type=Path, default=Path.cwd(), help="repository with the train stage's inputs")
@@ -182,7 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=6, help="alternating blocks per version (with --against / --losses)")
     ap.add_argument("--losses", action="store_true",
                     help="train.loss bce against softmax on the same model, alternating blocks, instead of the profile")
+    ap.add_argument("--variants", nargs="+", metavar="NAME:KEY=VALUE,...",
+                    help="param sets (params.yaml changed as `dvc exp run -S` would) side by side in this one process, "
+                         "alternating blocks, instead of the profile; e.g. base 'b64:train.batch_size=64'")
     args = ap.parse_args(argv)
+    if args.variants:
+        print(json.dumps(compare_variants(args), indent=1))
+        return
     if args.against:
         print(json.dumps(compare(args), indent=1))
         return
