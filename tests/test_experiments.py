@@ -168,8 +168,9 @@ def test_queue_covers_every_ablation_of_the_paper_and_the_sweep():
 def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
     """At the default K = L/2 (ridge, closed form), half-ridge is the baseline and the other half-*
     runs repeat paper-wc, no-linear and no-init, and the entity token's variants at the default
-    position and of the default kind, the default loss's and the default pretraining's variants are
-    the baseline: only the distinct runs are queued."""
+    position and of the default kind (tied too), the default loss's (with the knowledge path too),
+    the default pretraining's and the path's default N are the baseline: only the distinct runs are
+    queued."""
     import yaml
 
     from elmm.experiments import LR_SWEEP
@@ -180,10 +181,16 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
                           layers=base["model"]["tiny"]["layers"])
     names = [c[c.index("-n") + 1] for c in cmds]
     assert not any(n.startswith("half-") for n in names) and "no-self-denoise" in names
+    knowledge = base["model"]["knowledge"]
     kind = base["model"]["entity_token"]  # its variant (entity-token-free, -relational, -complex) is the baseline too
     assert said == [f"skipping entity-token-{base['model']['entity_token_at']}: the same params as the baseline"] + (
-        [f"skipping entity-token-{kind}: the same params as the baseline"] if kind != "none" else []) + [
+        [f"skipping entity-token-{kind}: the same params as the baseline"] if kind != "none" else []) + (
+        # the tied vector (on since the knowledge-path default)
+        ["skipping entity-token-complex-tied: the same params as the baseline"]
+        if kind == "complex" and base["model"]["entity_token_tied"] else []) + [
                     f"skipping loss-{base['train']['loss']}: the same params as the baseline"] + (
+        ["skipping loss-softmax-knowledge: the same params as the baseline"]
+        if base["train"]["loss"] == "softmax" and knowledge["enabled"] else []) + (
         # the pretraining's variant that is the default (reading-both since it was measured)
         [f"skipping reading-{pre['reading_loss']}: the same params as the baseline"]
         if ((pre := base["pretrain"])["reading_loss"], pre["reading_share"], pre["steps"]) in (("line", 0.5, 400),
@@ -194,10 +201,13 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
                     "skipping half-ridge: the same params as the baseline",
                     "skipping half-paper: the same params as paper-wc", "skipping half-none: the same params as no-linear",
                     "skipping half-zero-init: the same params as no-init"] + (
-        [] if base["model"]["knowledge"]["enabled"] else ["skipping no-knowledge: the same params as the baseline"]) + (
-        # at the softmax default, the path at its defaults (triples-10) is the run loss-softmax-knowledge names
+        [] if knowledge["enabled"] else ["skipping no-knowledge: the same params as the baseline"]) + (
+        # at the softmax default, the path at its defaults (triples-10) is the run loss-softmax-knowledge
+        # names, or the baseline itself when the path is on
         ["skipping triples-10: the same params as loss-softmax-knowledge"]
-        if base["train"]["loss"] == "softmax" and not base["model"]["knowledge"]["enabled"] else [])
+        if base["train"]["loss"] == "softmax" and not knowledge["enabled"] else
+        ["skipping triples-10: the same params as the baseline"]
+        if knowledge["enabled"] and (knowledge["max_triples"], knowledge["seed_triples"]) == (10, 5) else [])
     # A baseline at another K queues them.
     other = queue_commands(None, half_layers=4, base_params={**base, "prune": {**base["prune"], "k": 2}}, layers=8)
     assert sum(c[c.index("-n") + 1].startswith("half-") for c in other) == 4

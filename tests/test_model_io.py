@@ -42,8 +42,8 @@ def _pruned_lora_model(ws, pruned: dict[int, torch.Tensor | None], r: int = 4):
 
 
 def test_trainable_split_after_lora(make_workspace) -> None:
-    """Trainable = LoRA + MVTC + completion + entity tokens (and their relation rows) + compensation;
-    all else frozen; LoRA on q/v of live layers."""
+    """Trainable = LoRA + MVTC + completion + entity tokens (their relation rows, and the tie map
+    when `entity_token_tied`) + compensation; all else frozen; LoRA on q/v of live layers."""
     ws = make_workspace()
     dim = ws.backbone.hidden_size
     model, added = _pruned_lora_model(ws, {1: torch.randn(dim, dim) * 0.01})
@@ -52,7 +52,7 @@ def test_trainable_split_after_lora(make_workspace) -> None:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
 
     def expected_trainable(name: str) -> bool:
-        return (name.startswith(("text_view.", "image_view.", "completion.")) or name in ("entity_tokens", "relation_scales")
+        return (name.startswith(("text_view.", "image_view.", "completion.")) or name in ("entity_tokens", "relation_scales", "entity_token_tie")
                 or ".lora_A." in name or ".lora_B." in name
                 or name == "llm.model.language_model.layers.1.compensation")
 

@@ -103,6 +103,12 @@ ABLATIONS = {
     "weight-decay": ["train.weight_decay=0.3"],
     "no-weight-decay": ["train.weight_decay=0"],
     "label-smoothing": ["train.label_smoothing=0.1"],
+    # the knowledge-path default's parts: the anchor's vector untied; the training step before it
+    # (batch 32 at lr 3e-4, LoRA dropout 0.05); and the whole default before it (commit 77c6364)
+    "no-tied": ["model.entity_token_tied=false"],
+    "batch-32": ["train.batch_size=32", "train.lr=0.0003", "train.lora.dropout=0.05"],
+    "previous-default": ["model.knowledge.enabled=false", "model.entity_token_tied=false", "train.batch_size=32",
+                         "train.lr=0.0003", "train.lora.dropout=0.05"],
     # the testbed's positive control: every attention sub-block removed (K = L)
     "no-attention": ["prune.k={layers}"],
     # the compensation methods at K = L/2 (the paper's main setting, K = 16 of 32)
@@ -151,7 +157,7 @@ def _row(name: str, data: dict) -> dict | None:
 #: Params whose current default is not the behaviour before they existed, with that behaviour's
 #: value: a run made before the param was added is read with it (`with_defaults`).
 BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0, "model.entity_token_at": "name",
-                "train.loss": "bce", "pretrain.reading_loss": "line"}
+                "train.loss": "bce", "pretrain.reading_loss": "line", "model.entity_token_tied": False}
 
 
 def _defaults_before_added() -> dict:

@@ -175,7 +175,7 @@ def shape(name: str, value: str | None = None, value_rank: int | None = None,
     config = ELMMConfig(num_entities=entities or num_entities, heads=heads, head=p.model.head,
                         pruned_layers=list(range(layers - k, layers)), compensation=p.prune.compensation,
                         value=value or p.model.mvtc.value, value_rank=value_rank or p.model.mvtc.value_rank,
-                        entity_token=p.model.entity_token,
+                        entity_token=p.model.entity_token, entity_token_tied=p.model.entity_token_tied,
                         num_relations=num_relations if p.model.entity_token in RELATIONAL_TOKENS else 0)
     return hf, config, p.train.lora.r
 
