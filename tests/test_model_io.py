@@ -52,7 +52,8 @@ def test_trainable_split_after_lora(make_workspace) -> None:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
 
     def expected_trainable(name: str) -> bool:
-        return (name.startswith(("text_view.", "image_view.", "completion.")) or name in ("entity_tokens", "relation_scales", "entity_token_tie")
+        return (name.startswith(("text_view.", "image_view.", "completion."))
+                or name in ("entity_tokens", "relation_scales", "entity_token_tie")
                 or ".lora_A." in name or ".lora_B." in name
                 or name == "llm.model.language_model.layers.1.compensation")
 
