@@ -32,7 +32,7 @@ JSON object.
 `dvc exp run -S` changes them), its model built beside the others in this process; queries/s are
 counted at each variant's own batch size, e.g. what a setting costs before spending runs on it:
 
-    python benchmarks/train_step.py --rounds 4 --steps 25 --variants base 'b64:train.batch_size=64'
+    python benchmarks/train_step.py --rounds 4 --steps 25 --variants base 'b32:train.batch_size=32'
 
 Under torchrun (`torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py ...`) the loop
 runs data-parallel as the train stage does (`train.batch_size` is the global batch, each rank a
@@ -75,9 +75,11 @@ def build(repo: Path, pkg: str = "elmm", overrides: dict | None = None):
     if overrides:
         raw = config.to_dict(p)
         for key, value in overrides.items():
-            *path, last = key.split(".")
             node = raw
+            *path, last = key.split(".")
             for part in path:
+                if not isinstance(node.get(part), dict):
+                    raise SystemExit(f"--variants: params.yaml has no section {key.rsplit('.', 1)[0]!r}")
                 node = node[part]
             if last not in node:
                 raise SystemExit(f"--variants: params.yaml has no key {key!r}")
@@ -194,6 +196,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     import yaml
 
     name, _, rest = text.partition(":")
+    if "=" in name:
+        raise SystemExit(f"--variants {text!r}: give it a name first, NAME:key=value")
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -207,7 +211,10 @@ def compare_variants(args) -> dict:
     """Param sets (`--variants`) side by side in this one process, alternating blocks of --steps
     steps (the same reason as `compare`). Queries/s per round, counted at each variant's own batch
     size, and each variant's mean over the first one's."""
-    variants = dict(parse_variant(v) for v in args.variants)
+    parsed = [parse_variant(v) for v in args.variants]
+    variants = dict(parsed)
+    if len(variants) != len(parsed):
+        raise SystemExit("--variants: two variants have the same name")
     built = {name: build(args.repo, overrides=o) for name, o in variants.items()}
     batch = {name: b[4].train.batch_size * b[4].train.grad_accum for name, b in built.items()}
     rates = alternate({name: (lambda steps, name=name: run(*built[name], steps)) for name in variants}, args, batch)
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="train.loss bce against softmax on the same model, alternating blocks, instead of the profile")
     ap.add_argument("--variants", nargs="+", metavar="NAME:KEY=VALUE,...",
                     help="param sets (params.yaml changed as `dvc exp run -S` would) side by side in this one process, "
-                         "alternating blocks, instead of the profile; e.g. base 'b64:train.batch_size=64'")
+                         "alternating blocks, instead of the profile; e.g. base 'b32:train.batch_size=32'")
     args = ap.parse_args(argv)
     if args.variants:
         print(json.dumps(compare_variants(args), indent=1))

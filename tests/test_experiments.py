@@ -185,7 +185,7 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
     kind = base["model"]["entity_token"]  # its variant (entity-token-free, -relational, -complex) is the baseline too
     assert said == [f"skipping entity-token-{base['model']['entity_token_at']}: the same params as the baseline"] + (
         [f"skipping entity-token-{kind}: the same params as the baseline"] if kind != "none" else []) + (
-        # the tied vector (on since the knowledge-path default)
+        # the tied vector (on since 99db1b6)
         ["skipping entity-token-complex-tied: the same params as the baseline"]
         if kind == "complex" and base["model"]["entity_token_tied"] else []) + [
                     f"skipping loss-{base['train']['loss']}: the same params as the baseline"] + (

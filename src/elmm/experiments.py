@@ -103,8 +103,8 @@ ABLATIONS = {
     "weight-decay": ["train.weight_decay=0.3"],
     "no-weight-decay": ["train.weight_decay=0"],
     "label-smoothing": ["train.label_smoothing=0.1"],
-    # the knowledge-path default's parts: the anchor's vector untied; the training step before it
-    # (batch 32 at lr 3e-4, LoRA dropout 0.05); and the whole default before it (commit 77c6364)
+    # the parts of the default since 99db1b6: the anchor's vector untied; the training step before
+    # it (batch 32 at lr 3e-4, LoRA dropout 0.05); and the whole default before it (commit 77c6364)
     "no-tied": ["model.entity_token_tied=false"],
     "batch-32": ["train.batch_size=32", "train.lr=0.0003", "train.lora.dropout=0.05"],
     "previous-default": ["model.knowledge.enabled=false", "model.entity_token_tied=false", "train.batch_size=32",
