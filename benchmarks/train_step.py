@@ -75,16 +75,8 @@ def build(repo: Path, pkg: str = "elmm", overrides: dict | None = None):
     if overrides:
         raw = config.to_dict(p)
         for key, value in overrides.items():
-            node = raw
-            *path, last = key.split(".")
-            for part in path:
-                if not isinstance(node.get(part), dict):
-                    raise SystemExit(f"--variants: params.yaml has no section {key.rsplit('.', 1)[0]!r}")
-                node = node[part]
-            if last not in node:
-                raise SystemExit(f"--variants: params.yaml has no key {key!r}")
-            node[last] = value
-        p = config.from_dict(raw)
+            mod("experiments").set_dotted(raw, key, value)
+        p = config.from_dict(raw)  # names a key the schema lacks
     config.validate(p)
     ws = mod("workspace").open_workspace(p)
     model = model_io.build_model(ws, f"data/pruning/{mod('pruning.artifact').PRUNING_FILE}", seed=p.seed)
@@ -133,9 +125,9 @@ def steady(step_seconds: list[float], batch: int) -> dict:
             "median_step_ms": round(1e3 * statistics.median(step_seconds), 2)}
 
 
-def alternate(runs: dict, args, batch: int | dict[str, int]) -> dict[str, list[float]]:
+def alternate(runs: dict, args, batch: dict[str, int]) -> dict[str, list[float]]:
     """Steady queries/s per round of each of `runs` (name -> a callable of `steps` that returns what
-    `run` returns) at `batch` queries a step (or name -> its batch): --warmup steps of each, then
+    `run` returns) at `batch[name]` queries a step: --warmup steps of each, then
     --rounds rounds of --steps steps of each in alternating order, all in this one process."""
     for go in runs.values():
         go(args.warmup)
@@ -143,8 +135,7 @@ def alternate(runs: dict, args, batch: int | dict[str, int]) -> dict[str, list[f
     for r in range(args.rounds):
         for name in (runs if r % 2 == 0 else reversed(runs)):
             _, step_seconds = runs[name](args.steps)
-            size = batch[name] if isinstance(batch, dict) else batch
-            rates[name].append(steady(step_seconds, size)["steady_queries_per_s"])
+            rates[name].append(steady(step_seconds, batch[name])["steady_queries_per_s"])
     return rates
 
 
@@ -157,7 +148,7 @@ def compare(args) -> dict:
     built = {name: build(args.repo, pkg) for name, pkg in versions.items()}
     batch = built["this"][4].train.batch_size * built["this"][4].train.grad_accum
     rates = alternate({name: (lambda steps, name=name: run(*built[name], steps, pkg=versions[name]))
-                       for name in versions}, args, batch)
+                       for name in versions}, args, dict.fromkeys(versions, batch))
     ratios = [a / b for a, b in zip(rates["this"], rates["against"])]
     return {
         "entities": built["this"][1].kg.num_entities, "batch_size": batch, "threads": torch.get_num_threads(),
@@ -180,7 +171,7 @@ def compare_losses(args) -> dict:
         validate(v)  # e.g. softmax with hard negatives: refused, as train refuses it
     batch = p.train.batch_size * p.train.grad_accum
     rates = alternate({loss: (lambda steps, v=v: run(model, ws, queries, filters, v, steps))
-                       for loss, v in variants.items()}, args, batch)
+                       for loss, v in variants.items()}, args, dict.fromkeys(variants, batch))
     return {
         "entities": ws.kg.num_entities, "batch_size": batch, "negatives": p.train.negatives,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps,

@@ -144,6 +144,17 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    """Set `dotted` ("train.lora.r") in a nested params dict, as `dvc exp run -S` does; sections it
+    lacks are created, so `elmm.config.from_dict` is what rejects a key the schema does not have."""
+    *path, leaf = dotted.split(".")
+    for part in path:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise SystemExit(f"{dotted}: {part} is a value, not a section")
+    tree[leaf] = value
+
+
 def _row(name: str, data: dict) -> dict | None:
     if data.get("rev") == "workspace" or data.get("timestamp") is None:
         return None  # queued or still running: its files are not its own results yet
@@ -165,11 +176,7 @@ def _defaults_before_added() -> dict:
 
     defaults = to_dict(Params())
     for dotted, value in BEFORE_ADDED.items():
-        *path, leaf = dotted.split(".")
-        node = defaults
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+        set_dotted(defaults, dotted, value)
     return defaults
 
 
