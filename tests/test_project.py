@@ -132,7 +132,8 @@ def test_train_depends_on_every_model_param_it_builds_from() -> None:
 
 def _entry_points() -> list[list[str]]:
     stages = [[sys.executable, str(s)] for s in sorted(STAGES.glob("[!_]*.py"))]
-    modules = [[sys.executable, "-m", m] for m in ("elmm.experiments", "elmm.predict", "elmm.param_count", "elmm.kge")]
+    modules = [[sys.executable, "-m", m]
+               for m in ("elmm.experiments", "elmm.predict", "elmm.param_count", "elmm.kge", "elmm.token_probe")]
     return stages + modules
 
 
