@@ -13,7 +13,7 @@ steps are half of `pretrain.steps`), then measured on the held-out pictures:
   which attends over every patch token in place;
 - `token_probe`: per attribute, a linear probe (`elmm.token_probe.fit_probe`) on each picture's
   CLS token and mean patch token at `encode.feature_layer`, fitted on 2,000 training pictures:
-  what survives pooling, the only form in which MVTC can pass an attribute on; beside it
+  a linear reading of what survives pooling (MVTC passes on weighted means of the tokens); beside it
   `token_probe_random_init`, the same probe on the untrained tower (random features);
 - `seconds`: the pretraining time (compare only within one run: the machine's speed drifts).
 

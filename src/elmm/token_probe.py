@@ -1,29 +1,33 @@
 """What the encoded image tokens carry: a linear probe per latent image attribute (docs/testbed.md).
 
     python -m elmm.token_probe                  # where `dvc repro encode` has run on a synthetic world
-    python -m elmm.token_probe --encoded data/encoded --kg data/kg --seed 0
+    python -m elmm.token_probe --encoded data/encoded --kg data/kg --backbone data/backbone --seed 0
 
-MVTC hands the decoder attention-weighted means of an entity's (projected) image tokens, so what it
-can pass on must be readable from the tokens' content; an attribute that lives only in how the
-tokens are arranged (a shape spread over several patches) is gone before the decoder sees it. Per
-attribute the world shows in pictures (`data/kg/latent.parquet`: colour, shape, mark), a
-multinomial logistic regression is fitted on a random 70% of the objects and scored on the rest,
-on two pooled readings of the tokens:
+MVTC hands the decoder, per head, a value map of a softmax-weighted mean of an entity's projected
+image tokens; whatever layout the tokens had (a shape spread over several patches) is gone before
+the decoder sees it, so what MVTC can pass on has to be in the tokens' content. Per attribute the
+world shows in pictures (`data/kg/latent.parquet`: colour, shape, mark), a multinomial logistic
+regression is fitted on a random 70% of the objects and scored on the rest, on pooled readings:
 
-- `cls`: the mean over an entity's images of the CLS token (what the image view's query pools);
-- `patch_mean`: the mean over its images and patches of the patch tokens (what pooling keeps).
+- `cls`: the mean over an entity's images of the CLS token (the image view's query is built from
+  the projected CLS tokens);
+- `patch_mean`: the mean over its images and patches of the stored patch tokens;
+- `projected_mean` (with `--backbone`): the same mean after the backbone's frozen projector, a
+  per-token MLP: the tokens MVTC actually averages.
 
-An attribute near its majority share on both is one the compressed tokens cannot carry, whatever
-MVTC's attention weights; the pretraining's caption accuracy (metrics/pretrain.json), read by a
-decoder attending over every patch in place, is the comparison.
+A linear reading of a plain mean is evidence, not a bound: MVTC's content-dependent weights can
+pick out tokens a uniform mean dilutes. The test without that caveat is the pipeline run without
+MVTC (`no-mvtc` in elmm.experiments), where the decoder reads every token in place.
 
-Prints JSON: per attribute, each reading's test accuracy beside the majority class's share.
+Prints JSON: per attribute, each reading's test accuracy beside `best_constant`, the accuracy of
+the best single guess on the test objects (the largest class share there).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +57,14 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor
 
 
 def probe_tokens(patches: torch.Tensor, cls: torch.Tensor, mask: torch.Tensor, labels: pd.DataFrame,
-                 seed: int = 0, train_share: float = 0.7) -> dict:
-    """Probe accuracies per attribute (the columns of `labels`, indexed by entity row) and reading.
+                 seed: int = 0, train_share: float = 0.7,
+                 project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Probe accuracies per attribute (the columns of `labels`) and reading.
 
-    patches [E, N, M, Dv], cls [E, N, Dv], mask [E, N] as `ImageTokens.get` returns them for the
-    entities `labels.index` names (in that order); entities without images are left out.
+    patches [E, N, M, Dv], cls [E, N, Dv], mask [E, N] as `ImageTokens.get` returns them; row i of
+    `labels` labels entity i of the tensors. Entities without images are left out; empty slots
+    (mask False) are ignored whatever they hold. `project` (the backbone's projector) adds the
+    reading `projected_mean`.
     """
     has = mask.any(1)
     patches, cls, mask = patches[has].float(), cls[has].float(), mask[has]
@@ -74,11 +81,15 @@ def probe_tokens(patches: torch.Tensor, cls: torch.Tensor, mask: torch.Tensor, l
         "cls": (cls * w[..., None]).sum(1) / count,
         "patch_mean": (patches.mean(2) * w[..., None]).sum(1) / count,
     }
+    if project is not None:
+        with torch.no_grad():
+            projected = project(patches).float().mean(2)  # [E, N, D]
+        readings["projected_mean"] = (projected * w[..., None]).sum(1) / count
     out: dict = {"entities": n, "train_entities": int(train.sum()), "pictures": int(mask.sum())}
     for attr in labels.columns:
         y = torch.from_numpy(pd.Categorical(labels[attr]).codes.astype(np.int64))
         row = {"classes": int(y.max()) + 1,
-               "majority": round(float((y[~train] == y[train].mode().values).float().mean()), 4)}
+               "best_constant": round(float(torch.bincount(y[~train]).max()) / int((~train).sum()), 4)}
         for name, x in readings.items():
             row[name] = round(fit_probe(x[train], y[train], x[~train], y[~train]), 4)
         out[attr] = row
@@ -89,15 +100,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoded", default="data/encoded", help="the encode stage's output")
     ap.add_argument("--kg", default="data/kg", help="the KG directory with latent.parquet (synthetic worlds)")
+    ap.add_argument("--backbone", default="data/backbone",
+                    help="the backbone whose projector gives `projected_mean`; '' to skip that reading")
     ap.add_argument("--seed", type=int, default=0, help="seed of the objects' train/test split")
     args = ap.parse_args(argv)
     from .image_tokens import ImageTokens
     from .kg.format import load_kg
 
+    if not Path(args.kg).is_dir():
+        raise SystemExit(f"{args.kg}: missing; run `dvc repro generate`")
     latent_path = Path(args.kg) / "latent.parquet"
     if not latent_path.exists():
         raise SystemExit(f"{latent_path}: missing; the token probe needs a synthetic world's latent attributes")
-    torch.manual_seed(args.seed)
+    if not (Path(args.encoded) / "manifest.json").exists():
+        raise SystemExit(f"{args.encoded}: no encoded image tokens; run `dvc repro encode`")
     kg = load_kg(args.kg)
     latent = pd.read_parquet(latent_path).set_index("entity")
     missing = [a for a in IMAGE_ATTRIBUTES if a not in latent.columns]
@@ -105,8 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{latent_path}: no column {', '.join(missing)}")
     labels = latent[list(IMAGE_ATTRIBUTES)].sort_index()
     tokens = ImageTokens(args.encoded, len(kg.entities))
-    patches, cls, mask = tokens.get(torch.tensor(labels.index.to_numpy(), dtype=torch.long))
-    print(json.dumps(probe_tokens(patches, cls, mask, labels.reset_index(drop=True), seed=args.seed), indent=1))
+    patches, cls, mask = tokens.get(torch.tensor(labels.index.to_numpy(), dtype=torch.long))  # entity rows
+    project = None
+    if args.backbone:
+        from .backbone import load_backbone
+
+        project = load_backbone(args.backbone).project_images
+    out = probe_tokens(patches, cls, mask, labels.reset_index(drop=True), seed=args.seed, project=project)
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
