@@ -35,12 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from elmm import config  # noqa: E402
 from elmm.backbone import make_tiny_backbone  # noqa: E402
-from elmm.experiments import set_dotted  # noqa: E402
+from elmm.experiments import with_overrides  # noqa: E402
 from elmm.kg.format import load_kg  # noqa: E402
 from elmm.kg.synthetic import CONCEPTS  # noqa: E402
 from elmm.pretraining import Encoder, caption_accuracy, caption_pictures, pretrain, text_corpus, tokenizer_texts  # noqa: E402
 from elmm.token_probe import fit_probe  # noqa: E402
-from train_step import parse_variant  # noqa: E402
+from train_step import parse_variants  # noqa: E402
 
 PROBED = ("colour", "shape", "mark")
 
@@ -93,13 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     kg = load_kg("data/kg")
     base = config.load_params("params.yaml")
     results = {}
-    for name, overrides in map(parse_variant, args.variants):
-        if name in results:
-            raise SystemExit(f"--variants: two variants are named {name}")
-        raw = config.to_dict(base)
-        for key, value in overrides.items():
-            set_dotted(raw, key, value)
-        p = config.from_dict(raw)
+    for name, overrides in parse_variants(args.variants).items():
+        p = with_overrides(base, overrides)
         config.validate(p)
         results[name] = {"overrides": overrides, **probe_variant(p, kg, args.steps)}
         print(f"caption_probe: {name} {results[name]}", file=sys.stderr, flush=True)

@@ -73,10 +73,7 @@ def build(repo: Path, pkg: str = "elmm", overrides: dict | None = None):
     config, queries_mod, model_io = mod("config"), mod("kg.queries"), mod("model_io")
     p = config.load_params("params.yaml")
     if overrides:
-        raw = config.to_dict(p)
-        for key, value in overrides.items():
-            mod("experiments").set_dotted(raw, key, value)
-        p = config.from_dict(raw)  # names a key the schema lacks
+        p = mod("experiments").with_overrides(p, overrides)
     config.validate(p)
     ws = mod("workspace").open_workspace(p)
     model = model_io.build_model(ws, f"data/pruning/{mod('pruning.artifact').PRUNING_FILE}", seed=p.seed)
@@ -198,14 +195,20 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def parse_variants(texts: list[str]) -> dict[str, dict]:
+    """`parse_variant` of each, as NAME -> overrides; a repeated name is refused."""
+    parsed = [parse_variant(v) for v in texts]
+    variants = dict(parsed)
+    if len(variants) != len(parsed):
+        raise SystemExit("--variants: two variants have the same name")
+    return variants
+
+
 def compare_variants(args) -> dict:
     """Param sets (`--variants`) side by side in this one process, alternating blocks of --steps
     steps (the same reason as `compare`). Queries/s per round, counted at each variant's own batch
     size, and each variant's mean over the first one's."""
-    parsed = [parse_variant(v) for v in args.variants]
-    variants = dict(parsed)
-    if len(variants) != len(parsed):
-        raise SystemExit("--variants: two variants have the same name")
+    variants = parse_variants(args.variants)
     built = {name: build(args.repo, overrides=o) for name, o in variants.items()}
     batch = {name: b[4].train.batch_size * b[4].train.grad_accum for name, b in built.items()}
     rates = alternate({name: (lambda steps, name=name: run(*built[name], steps)) for name in variants}, args, batch)

@@ -155,6 +155,17 @@ def set_dotted(tree: dict, dotted: str, value) -> None:
     tree[leaf] = value
 
 
+def with_overrides(p, overrides: dict):
+    """`p` (elmm.config.Params) with dotted keys set as `dvc exp run -S` sets them (dotted key -> value);
+    `from_dict` names a key the schema lacks. Not validated: the caller validates as its stage would."""
+    from .config import from_dict, to_dict
+
+    raw = to_dict(p)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
 def _row(name: str, data: dict) -> dict | None:
     if data.get("rev") == "workspace" or data.get("timestamp") is None:
         return None  # queued or still running: its files are not its own results yet

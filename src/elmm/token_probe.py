@@ -75,16 +75,15 @@ def probe_tokens(patches: torch.Tensor, cls: torch.Tensor, mask: torch.Tensor, l
     order = np.random.default_rng(seed).permutation(n)
     train = torch.zeros(n, dtype=torch.bool)
     train[torch.from_numpy(order[: int(train_share * n)])] = True
-    w = mask.float()
-    count = w.sum(1, keepdim=True)
-    readings = {
-        "cls": (cls * w[..., None]).sum(1) / count,
-        "patch_mean": (patches.mean(2) * w[..., None]).sum(1) / count,
-    }
+    w = mask.float()[..., None]
+
+    def over_images(x: torch.Tensor) -> torch.Tensor:  # [E, N, D] -> [E, D], the mean over real slots
+        return (x * w).sum(1) / w.sum(1)
+
+    readings = {"cls": over_images(cls), "patch_mean": over_images(patches.mean(2))}
     if project is not None:
         with torch.no_grad():
-            projected = project(patches).float().mean(2)  # [E, N, D]
-        readings["projected_mean"] = (projected * w[..., None]).sum(1) / count
+            readings["projected_mean"] = over_images(project(patches).float().mean(2))
     out: dict = {"entities": n, "train_entities": int(train.sum()), "pictures": int(mask.sum())}
     for attr in labels.columns:
         y = torch.from_numpy(pd.Categorical(labels[attr]).codes.astype(np.int64))
