@@ -10,7 +10,10 @@ queries (64 triples, both directions) it measures:
   candidates=graph the loss columns' neighbourhoods: the target and 32 negatives + the anchor);
 - train_step_seconds: forward + backward + AdamW of the tiny default backbone (LoRA r=8, MVTC,
   completion layer) on the prepared batch, without the path, with it (candidates free) and with
-  candidates=graph (median of 2 after one warm-up, which also computes the node features);
+  candidates=graph (median of 2 after one warm-up, which also computes the node features), all
+  under bce over the 33 loss columns; then with the path under softmax over every entity (the
+  default loss), candidates free and graph (graph: the whole all-entity table with gradients at
+  every step; `softmax_step_ratio_graph_over_free`);
 - train_queries_per_second / train_triples_per_second: the same step as throughput (a triple is two
   queries);
 - eval_ms_per_query: an evaluation batch of the same queries (its subgraphs, built without the
@@ -42,7 +45,7 @@ from elmm.config import KnowledgeParams, TinyBackboneParams
 from elmm.kg.queries import queries_from_triples
 from elmm.knowledge.source import KnowledgeSource, mean_embeddings, retrieval_vectors
 from elmm.knowledge.subgraph import SubgraphIndex, retrieval_timing
-from elmm.model import ELMM, ELMMConfig, elmm_loss
+from elmm.model import ELMM, ELMMConfig, elmm_loss, softmax_loss
 from elmm.model_io import add_lora, lora_config, set_trainable
 from elmm.prompt import TextBatch
 
@@ -97,7 +100,10 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def step_time(backbone_dir: str, entities: int, knowledge: KnowledgeParams | None, src, q, neg, repeats: int) -> dict:
+def step_time(backbone_dir: str, entities: int, knowledge: KnowledgeParams | None, src, q, neg, repeats: int,
+              loss: str = "bce") -> dict:
+    """One training step's time (`loss` bce over `neg`, or softmax over every entity), then the
+    evaluation batch's and, with candidates=graph, the all-entity table's."""
     backbone = load_backbone(backbone_dir)  # a fresh copy: add_lora changes it
     torch.manual_seed(0)
     config = ELMMConfig(num_entities=entities, heads=8, knowledge=dataclasses.asdict(knowledge) if knowledge else {})
@@ -108,15 +114,18 @@ def step_time(backbone_dir: str, entities: int, knowledge: KnowledgeParams | Non
     set_trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = image_and_text(backbone, len(q))
-    kb = src.batch(q, train=True, negatives=neg) if model.knowledge is not None else None
+    softmax = loss == "softmax"
+    kb = src.batch(q, train=True, negatives=None if softmax else neg) if model.knowledge is not None else None
     mask = torch.ones_like(neg, dtype=torch.bool)
+    known = torch.zeros(len(q), entities, dtype=torch.bool)
 
     def step():
         out = model(*x, knowledge=kb)
-        loss = elmm_loss(out.scores.float(), q.targets, neg, mask)
+        value = (softmax_loss(out.scores.float(), q.targets, known) if softmax
+                 else elmm_loss(out.scores.float(), q.targets, neg, mask))
         if out.extra_loss is not None:
-            loss = loss + out.extra_loss
-        loss.backward()
+            value = value + out.extra_loss
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -164,11 +173,18 @@ def measure(args) -> dict:
         steps["knowledge_free"] = step_time(tmp, entities, settings, src, q, neg, args.repeats)
         src.settings = graph_settings
         steps["knowledge_graph"] = step_time(tmp, entities, graph_settings, src, q, neg, args.repeats)
+        # under softmax (the default loss) every entity is a column: the whole table with gradients
+        src.settings = settings
+        steps["softmax_knowledge_free"] = step_time(tmp, entities, settings, src, q, neg, args.repeats, "softmax")
+        src.settings = graph_settings
+        steps["softmax_knowledge_graph"] = step_time(tmp, entities, graph_settings, src, q, neg, args.repeats, "softmax")
         row["train_step"] = steps
         base = steps["no_knowledge"]["train_step_seconds"]
         row["retrieval_vs_step"] = round(row["retrieval"]["seconds"] / base, 4)
         row["step_ratio_knowledge_free"] = round(steps["knowledge_free"]["train_step_seconds"] / base, 3)
         row["step_ratio_knowledge_graph"] = round(steps["knowledge_graph"]["train_step_seconds"] / base, 3)
+        row["softmax_step_ratio_graph_over_free"] = round(steps["softmax_knowledge_graph"]["train_step_seconds"]
+                                                          / steps["softmax_knowledge_free"]["train_step_seconds"], 3)
         plain = steps["no_knowledge"]["eval_ms_per_query"]
         row["eval_ratio_knowledge_free"] = round(steps["knowledge_free"]["eval_ms_per_query"] / plain, 3)
         row["eval_ratio_knowledge_graph"] = round(steps["knowledge_graph"]["eval_ms_per_query"] / plain, 3)

@@ -34,8 +34,6 @@ def test_default_params_file_is_valid():
         ({"prune": {"similarity": "mlp"}}, "prune.similarity"),
         ({"train": {"loss": "margin"}}, "train.loss"),
         ({"train": {"loss": "softmax", "hard_negatives": "faiss"}}, "train.hard_negatives"),
-        ({"train": {"loss": "softmax"}, "model": {"knowledge": {"enabled": True, "candidates": "graph"}}},
-         "model.knowledge.candidates"),
         ({"bogus": 1}, "bogus"),
     ],
 )

@@ -37,11 +37,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def knowledge_workspace(make_workspace, micro_env, **settings):
-    """A fresh workspace whose params enable the knowledge path (KNOWLEDGE + `settings`); with
-    `candidates: graph` trained with bce, the loss that scores only its loss columns."""
-    train = {"loss": "bce"} if settings.get("candidates") == "graph" else {}
-    return make_workspace(micro_env.params_with(train=train, knowledge={**KNOWLEDGE, **settings}))
+def knowledge_workspace(make_workspace, micro_env, train: dict | None = None, **settings):
+    """A fresh workspace whose params enable the knowledge path (KNOWLEDGE + `settings`); `train`
+    overrides train params (the micro default is softmax)."""
+    return make_workspace(micro_env.params_with(train=train or {}, knowledge={**KNOWLEDGE, **settings}))
 
 
 def random_index(entities=60, relations=5, triples=400, dim=8, seed=0, **kw) -> SubgraphIndex:
@@ -437,7 +436,7 @@ def test_training_batches_read_the_target_only_to_remove_its_edge(make_workspace
 
 
 def test_training_step_reaches_every_knowledge_parameter(make_workspace, micro_env) -> None:
-    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph")
+    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph", train={"loss": "bce"})
     model = build_model(ws, seed=0)
     set_trainable(model)
     with torch.no_grad():  # P starts at 0 (the free rows): move it so the encoder gets a gradient through it
@@ -476,7 +475,7 @@ def test_graph_candidates_agree_between_training_columns_and_evaluation(make_wor
     """The loss columns (training) and the all-entity table (evaluation) give one score per entity,
     except the target, whose neighbourhood lacks the query edge in training; the folded entity
     vectors of retrieval reproduce the evaluation scores."""
-    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph", align_lambda=0.0)
+    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph", align_lambda=0.0, train={"loss": "bce"})
     model = build_model(ws, seed=0)
     torch.manual_seed(2)
     perturb_([p for p in model.parameters() if p.requires_grad], 0.2)
@@ -500,6 +499,43 @@ def test_graph_candidates_agree_between_training_columns_and_evaluation(make_wor
         weight, bias = entity_vectors(model)
         assert_close(full.query @ weight.T + bias, full.scores, rtol=1e-4, atol=1e-4)
         assert out_of_date_cache_is_refreshed(model, ws)
+
+
+def test_graph_candidates_under_softmax_score_every_entity_from_the_table(make_workspace, micro_env) -> None:
+    """Under softmax, with candidates: graph: every column gets the term from the all-entity table, except
+    the target, whose neighbourhood lacks the query edge; the gradient reaches the encoder through
+    the table."""
+    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph", align_lambda=0.0)
+    model = build_model(ws, seed=0)
+    set_trainable(model)
+    torch.manual_seed(2)
+    perturb_([p for p in model.parameters() if p.requires_grad], 0.2)
+    with torch.no_grad():  # the knowledge tokens then carry nothing of the encoder: its gradient is the term's
+        model.knowledge.adapter.proj.weight.zero_()
+    q = queries_from_triples(ws.kg.triples["train"][:5])
+    model.train()
+    kb = make_batch(ws, q, train=True)["knowledge"]
+    assert kb.every_entity and torch.equal(kb.columns[:, 0], q.targets)
+    out = forward_batch(model, make_batch(ws, q, train=True))
+    assert out.scores.shape == (len(q), ws.kg.num_entities)
+    with torch.no_grad():
+        model.eval()
+        table = model.knowledge.entity_table(ws.backbone)
+        model.train()
+        qp = out.query @ model.knowledge.candidate.weight
+        term = out.scores - model.completion.entities(out.query)
+        others = torch.ones_like(term, dtype=torch.bool)
+        others[torch.arange(len(q)), q.targets] = False
+        assert_close(term[others], (qp @ table.T)[others], rtol=1e-5, atol=1e-5)
+        g = kb.candidates
+        own = model.knowledge.encode(g, ws.backbone)[g.roots]
+        expected_target = (qp * own).sum(-1)
+        assert_close(term[torch.arange(len(q)), q.targets], expected_target, rtol=1e-5, atol=1e-5)
+        # the query edge is what makes the target's value differ from its table row
+        assert (expected_target - (qp * table[q.targets]).sum(-1)).abs().max() > 1e-6
+    out.scores[others].sum().backward()  # the targets' columns left out: the table alone must carry it
+    assert model.knowledge.encoder.layers[0].w.weight.grad.abs().sum() > 0
+    assert model.knowledge.candidate.weight.grad.abs().sum() > 0
 
 
 def out_of_date_cache_is_refreshed(model, ws) -> bool:
@@ -566,7 +602,7 @@ def test_train_and_evaluate_stages_with_the_knowledge_path(make_project, run_sta
     the candidate term folded in) reproduces the model's ranking."""
     project = make_project({
         "model": {"knowledge": {**KNOWLEDGE, "candidates": "graph"}},
-        # bce: the graph term is encoded for the loss columns only (softmax would need every entity's)
+        # bce: the graph term encoded for the loss columns only (softmax, the whole table: its own test)
         "train": {"loss": "bce", "epochs": 1, "batch_size": 16, "grad_accum": 2, "negatives": 4, "warmup_steps": 1,
                   "lr": 0.002, "checkpoint_every": 0, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "evaluate": {"batch_size": 16, "index_k": 5},

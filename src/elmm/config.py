@@ -417,13 +417,9 @@ def validate(p: Params, num_layers: int | None = None) -> None:
     _require(tr.hard_negatives_pool >= 1, "train.hard_negatives_pool", "must be at least 1")
     _check_fraction(tr.hard_negatives_fraction, "train.hard_negatives_fraction")
     _require(tr.hard_negatives_refresh >= 1, "train.hard_negatives_refresh", "must be at least 1")
-    # softmax scores every entity: there is nothing to sample, and the graph candidate term would
-    # encode every entity's neighbourhood at every step.
+    # softmax scores every entity: there is nothing to sample.
     _require(tr.loss == "bce" or tr.hard_negatives == "none", "train.hard_negatives",
              "must be none with train.loss: softmax (every entity is a negative already)")
-    _require(tr.loss == "bce" or not p.model.knowledge.enabled or p.model.knowledge.candidates == "free",
-             "model.knowledge.candidates", "must be free with train.loss: softmax (graph encodes each scored "
-             "candidate's neighbourhood, here every entity at every step)")
     ev = p.evaluate
     _require(ev.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
     _require(ev.index_k >= 1, "evaluate.index_k", "must be at least 1")

@@ -25,8 +25,9 @@ LayerNorms make the encoder's input scale independent of the backbone's embeddin
 default's token embeddings have entries of ~0.02); W_K starts at a scale that gives the knowledge
 tokens the size of the backbone's token embeddings (`token_scale`), and b_K at 0.
 The candidate term at evaluation uses a table of h_e for all entities, computed in chunks and
-cached while the parameters are unchanged (eval mode); in training only the loss columns'
-neighbourhoods are encoded, with gradients, and the target's lacks the query edge.
+cached while the parameters are unchanged (eval mode); in training the loss columns' neighbourhoods
+are encoded, with gradients (with softmax every entity's, the whole table at every step), and the
+target's lacks the query edge.
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ class KnowledgePath(nn.Module):
         self.source: KnowledgeSource | None = None
         self._features = None  # (name [E, D], image [E, D], relation [2R, D], has_image [E]) on one device
         self._table = None  # (key, [E, d]) the candidate table of an unchanged eval-mode model
+        self._entity_graphs = None  # every entity's own neighbourhood, in chunks of ENTITY_CHUNK
 
     def attach(self, source: KnowledgeSource) -> None:
         self.source = source
-        self._features = self._table = None
+        self._features = self._table = self._entity_graphs = None
 
     # ---- fixed features ----------------------------------------------------------------------
     @torch.no_grad()
@@ -179,11 +181,12 @@ class KnowledgePath(nn.Module):
         key = (backbone.decoder.embed_tokens.weight.device, tuple(p._version for p in self.parameters()))
         if not self.training and self._table is not None and self._table[0] == key:
             return self._table[1]
-        rows, device = [], self.features(backbone)[0].device
-        for lo in range(0, self.source.num_entities, ENTITY_CHUNK):
-            g = self.source.entity_graphs(torch.arange(lo, min(lo + ENTITY_CHUNK, self.source.num_entities)))
-            rows.append(self.encode(g, backbone)[g.roots.to(device)])
-        table = torch.cat(rows)
+        device = self.features(backbone)[0].device
+        if self._entity_graphs is None:  # fixed by the training graph; softmax training reads them every step
+            n = self.source.num_entities
+            self._entity_graphs = [self.source.entity_graphs(torch.arange(lo, min(lo + ENTITY_CHUNK, n)))
+                                   for lo in range(0, n, ENTITY_CHUNK)]
+        table = torch.cat([self.encode(g, backbone)[g.roots.to(device)] for g in self._entity_graphs])
         if not self.training:
             self._table = (key, table.detach())
         return table
@@ -208,6 +211,9 @@ class KnowledgePath(nn.Module):
         term = (qp[:, None, :] * h[graph].to(qp.dtype)).sum(-1)  # [B, C]
         base = scores.gather(1, cols)
         value = (base + term).to(scores.dtype)
+        if kb.every_entity:  # softmax: every column from the table (with gradients), then the target's own
+            scores = scores + (qp @ self.entity_table(backbone).to(qp.dtype).T).to(scores.dtype)
+            return scores.scatter(1, cols, value)
         # negatives first, then the target, whose own value (its neighbourhood without the query edge)
         # wins should it also have been drawn as a negative
         scores = scores.scatter(1, cols[:, 1:], value[:, 1:])

@@ -72,10 +72,14 @@ class KnowledgeBatch:
     candidates: GraphBatch | None = None
     columns: torch.Tensor | None = None  # [B, C] entity ids: target, then the negatives
     column_graph: torch.Tensor | None = None  # [B, C] the graph of `candidates` scoring each column
+    # softmax: every entity is a loss column; `columns` holds only the targets, the rest of the row
+    # comes from every entity's own neighbourhood (KnowledgePath.entity_table)
+    every_entity: bool = False
 
     def to(self, device) -> KnowledgeBatch:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return KnowledgeBatch(self.query.to(device), move(self.candidates), move(self.columns), move(self.column_graph))
+        return KnowledgeBatch(self.query.to(device), move(self.candidates), move(self.columns), move(self.column_graph),
+                              self.every_entity)
 
 
 def build_graphs(index: SubgraphIndex, sub: Subgraphs, roots: np.ndarray, keep_roots: bool) -> GraphBatch:
@@ -151,16 +155,21 @@ class KnowledgeSource:
 
     def batch(self, q: Queries, *, train: bool = False, negatives=None) -> KnowledgeBatch:
         """The knowledge inputs of queries `q`. Only training (`train=True`) reads `q.targets`, to
-        leave the query's own edge out; `negatives` [B, K] (training, candidates=graph) adds the
-        loss columns' neighbourhoods."""
+        leave the query's own edge out. In training with candidates=graph it adds the loss columns'
+        neighbourhoods: the target's (without the query edge), then those of `negatives` [B, K]
+        (bce), or with `negatives` None (softmax, every entity a column) the target's alone."""
         a, r, d = (as_int_array(x) for x in (q.anchors, q.relations, q.directions))
         targets = as_int_array(q.targets) if train else None
         query = build_graphs(self.index, self.index.query_subgraphs(a, r, d, targets), a, keep_roots=False)
-        if not (train and negatives is not None and self.settings.candidates == "graph"):
+        if not (train and self.settings.candidates == "graph"):
             return KnowledgeBatch(query)
         b = len(a)
-        neg = as_int_array(negatives).reshape(b, -1)
         own = self.index.entity_subgraphs(targets, self.index.exclusion_keys(a, r, d, targets))
+        if negatives is None:
+            graphs = build_graphs(self.index, own, targets, keep_roots=True)
+            return KnowledgeBatch(query, graphs, torch.from_numpy(targets[:, None].copy()),
+                                  torch.arange(b)[:, None], every_entity=True)
+        neg = as_int_array(negatives).reshape(b, -1)
         others, inv = np.unique(neg, return_inverse=True)
         rest = self.index.entity_subgraphs(others)
         sub = Subgraphs(np.concatenate([own.seg, rest.seg + b]), np.concatenate([own.tid, rest.tid]),
