@@ -453,13 +453,14 @@ def test_training_step_reaches_every_knowledge_parameter(make_workspace, micro_e
             assert p.grad.abs().sum() > 0, n
 
 
-def test_softmax_training_with_the_path(make_workspace, micro_env) -> None:
-    """The default loss (softmax over every entity) trains with the path on (candidates: free): two
-    finite steps that move the knowledge parameters."""
+@pytest.mark.parametrize("candidates", ["free", "graph"])
+def test_softmax_training_with_the_path(make_workspace, micro_env, candidates) -> None:
+    """The default loss (softmax over every entity) trains with the path on, either candidate side:
+    two finite steps that move the knowledge parameters."""
     from elmm.kg.queries import FilterIndex
     from elmm.training import train_model
 
-    ws = knowledge_workspace(make_workspace, micro_env)
+    ws = knowledge_workspace(make_workspace, micro_env, candidates=candidates)
     model = build_model(ws, seed=0)
     set_trainable(model)
     tp = dataclasses.replace(micro_env.params.train, batch_size=8, max_steps=2)
@@ -532,7 +533,7 @@ def test_graph_candidates_under_softmax_score_every_entity_from_the_table(make_w
         expected_target = (qp * own).sum(-1)
         assert_close(term[torch.arange(len(q)), q.targets], expected_target, rtol=1e-5, atol=1e-5)
         # the query edge is what makes the target's value differ from its table row
-        assert (expected_target - (qp * table[q.targets]).sum(-1)).abs().max() > 1e-6
+        assert (expected_target - (qp * table[q.targets]).sum(-1)).abs().max() > 1e-3
     out.scores[others].sum().backward()  # the targets' columns left out: the table alone must carry it
     assert model.knowledge.encoder.layers[0].w.weight.grad.abs().sum() > 0
     assert model.knowledge.candidate.weight.grad.abs().sum() > 0

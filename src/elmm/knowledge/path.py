@@ -198,8 +198,9 @@ class KnowledgePath(nn.Module):
 
     def score_candidates(self, scores: torch.Tensor, query: torch.Tensor, kb: KnowledgeBatch | None,
                          backbone) -> torch.Tensor:
-        """`scores` [B, E] plus E'_m . P h_e. With loss columns in `kb` (training) only those
-        columns get the term (the rest of the row is not used by the loss)."""
+        """`scores` [B, E] plus E'_m . P h_e. With loss columns in `kb` (training, bce) only those
+        columns get the term (the rest of the row is not used by the loss); with `every_entity`
+        (training, softmax) every column gets it from the table, the target's from its own graph."""
         if self.candidate is None:
             return scores
         qp = query @ self.candidate.weight.to(query.dtype)  # [B, d]
