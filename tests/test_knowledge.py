@@ -365,6 +365,32 @@ def test_knowledge_tokens_enter_before_the_image_block(make_workspace, micro_env
     assert torch.equal(token_mask[:, 0], has_triples)
 
 
+def test_node_rows_start_as_the_path_without_them_and_train_the_nodes_rows(make_workspace, micro_env) -> None:
+    """node_rows: W_C starts at 0 (scores equal to the path without it, same seed), and once it is
+    not 0 the knowledge tokens reach the answer-side rows of their subgraph's nodes and no other."""
+    scores = {}
+    for on in (False, True):
+        ws = knowledge_workspace(make_workspace, micro_env, node_rows=on)
+        model = build_model(ws, seed=0).eval()
+        q = queries_from_triples(ws.kg.triples["test"][:6])
+        batch = make_batch(ws, q)
+        with torch.no_grad():
+            scores[on] = forward_batch(model, batch).scores
+    assert torch.equal(scores[True], scores[False])
+    with torch.no_grad():
+        model.knowledge.row_map.normal_(0, 0.1)
+    rows = model.answer_rows.weight
+    text_query = masked_max(ws.backbone.embed_tokens(batch["text"].ids), batch["text"].mask, 1)
+    tokens, token_mask, _ = model.knowledge.tokens(batch["knowledge"], text_query, ws.backbone, rows)
+    (tokens * token_mask[..., None]).square().sum().backward()
+    touched = rows.grad.abs().sum(1) > 0
+    nodes = torch.zeros_like(touched)
+    nodes[batch["knowledge"].query.nodes] = True
+    assert touched.any() and torch.equal(touched, nodes)
+    with pytest.raises(ValueError, match="node_rows"):
+        model.knowledge.tokens(batch["knowledge"], text_query, ws.backbone)
+
+
 def test_an_anchor_without_training_triples_gets_masked_knowledge(make_workspace, micro_env) -> None:
     """Its knowledge positions are masked out: its scores are those of the same model with its
     knowledge tokens replaced by anything else."""
@@ -436,7 +462,7 @@ def test_training_batches_read_the_target_only_to_remove_its_edge(make_workspace
 
 
 def test_training_step_reaches_every_knowledge_parameter(make_workspace, micro_env) -> None:
-    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph", train={"loss": "bce"})
+    ws = knowledge_workspace(make_workspace, micro_env, candidates="graph", node_rows=True, train={"loss": "bce"})
     model = build_model(ws, seed=0)
     set_trainable(model)
     with torch.no_grad():  # P starts at 0 (the free rows): move it so the encoder gets a gradient through it

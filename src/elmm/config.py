@@ -109,6 +109,7 @@ class KnowledgeParams:
     dim: int = 128  # width of the graph encoder
     tokens: int = 4  # knowledge tokens placed before the image block
     candidates: Literal["free", "graph"] = "free"  # graph: + E'_m . P h_e from each candidate's neighbourhood
+    node_rows: bool = False  # node init also reads a learned map (zero at start) of the entity's answer-side row
     align_margin: float = 0.2  # triplet margin (unit-normalised node embeddings)
     align_lambda: float = 0.1  # weight of the cross-modal alignment loss; 0 disables it
 

@@ -125,6 +125,9 @@ ABLATIONS = {
     # candidates scored also against their own RGAT neighbourhood, not only their free completion rows
     # (under softmax every entity's neighbourhood is encoded at every step; under bce the loss columns')
     "graph-candidates": [KNOWLEDGE_ON, "model.knowledge.candidates=graph"],
+    # node init also reads each node's answer-side row (W_C, zero at start): the tokens carry what the
+    # neighbours have been learnt to answer, not only who they are
+    "node-rows": [KNOWLEDGE_ON, "model.knowledge.node_rows=true"],
     # training subgraphs keep the query edge's reverse (t, r, h): the leak choice issue 15 asks to measure
     "keep-reverse": [KNOWLEDGE_ON, "model.knowledge.reverse_edge=keep"],
     # the number of retrieved triples N (MR-MKG: accuracy falls beyond 20-30); seeds n <= N

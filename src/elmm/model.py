@@ -308,7 +308,7 @@ class ELMM(nn.Module):
             if knowledge is None:
                 raise ValueError("this model has the knowledge path: its batches need make_batch's 'knowledge' entry")
             tokens, token_mask, extra_loss = self.knowledge.tokens(knowledge, masked_max(text_embeds, text_mask, 1),
-                                                                   self.backbone)
+                                                                   self.backbone, self.answer_rows.weight)
             k = tokens.shape[1]
             images, image_mask = torch.cat([tokens.to(images.dtype), images], 1), torch.cat([token_mask, image_mask], 1)
         bos = self.backbone.embed_tokens(torch.full((b, 1), self.backbone.start_token_id, device=device))
@@ -329,7 +329,7 @@ class ELMM(nn.Module):
             query = e_relation
         rows = self.answer_rows
         if self.knowledge is not None:  # its graph term is defined on all entities' scores
-            scores = self.knowledge.score_candidates(rows(query), query, knowledge, self.backbone)
+            scores = self.knowledge.score_candidates(rows(query), query, knowledge, self.backbone, rows.weight)
             scores = scores if candidates is None else scores.gather(1, candidates.to(device))
         else:
             scores = score_rows(rows, query, None if candidates is None else candidates.to(device))

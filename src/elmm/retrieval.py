@@ -51,7 +51,7 @@ def entity_vectors(model) -> tuple[torch.Tensor, torch.Tensor]:
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0], device=layer.weight.device)
     knowledge = getattr(model, "knowledge", None)
     if knowledge is not None and knowledge.candidate is not None:
-        return layer.weight + knowledge.candidate_rows(model.backbone).to(layer.weight.dtype), bias
+        return layer.weight + knowledge.candidate_rows(model.backbone, layer.weight).to(layer.weight.dtype), bias
     return layer.weight, bias
 
 

@@ -4,6 +4,7 @@ candidate term and cross-modal alignment (MR-MKG, arXiv 2406.02030; docs/knowled
     node init   h0_e = LN(W_T n_e + W_I v_e + b)     n_e: mean frozen embedding of e's name tokens
                                                      v_e: max over e's images of the projected CLS
                                                           token (0 without images)
+                (node_rows: + W_C r_e, r_e the entity's answer-side row, W_C zero at start)
     relations   e_r = LN(W_R m_r + b_R)              m_r: mean embedding of the relation's name
                                                      (r + R: of "inverse of {name}")
     encoder     X_K = RGAT/GAT/GCN layers over the query's subgraph (`knowledge.encoder`)
@@ -106,6 +107,11 @@ class KnowledgePath(nn.Module):
         self.name_init = nn.Linear(hidden, d)  # W_T, b
         self.image_init = nn.Linear(hidden, d, bias=False)  # W_I
         self.node_norm = nn.LayerNorm(d)
+        # W_C: reads the entity's own answer-side (completion) row, trained with it; zero at start,
+        # so the untrained path is the one without it. Features fixed by the backbone say who a
+        # neighbour is; its row says what it has been learnt to answer.
+        # [d, Q], drawn from no RNG: the other modules get the same initial values with or without it.
+        self.row_map = nn.Parameter(torch.zeros(d, query_dim)) if s.node_rows else None
         rgat = s.conv == "rgat" and s.layers > 0
         self.relation_init = nn.Linear(hidden, d) if rgat else None  # W_R, b_R
         self.relation_norm = nn.LayerNorm(d) if rgat else None
@@ -148,21 +154,27 @@ class KnowledgePath(nn.Module):
         return self._features
 
     # ---- encoder -----------------------------------------------------------------------------
-    def encode(self, g: GraphBatch, backbone) -> torch.Tensor:
-        """Node embeddings [n, d] of a graph union (on the backbone's device)."""
+    def encode(self, g: GraphBatch, backbone, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Node embeddings [n, d] of a graph union (on the backbone's device); `rows` [E, Q]: the
+        answer-side rows, read when `node_rows` is on."""
         name, image, relation, _ = self.features(backbone)
         g = g.to(name.device)
-        h = self.node_norm(self.name_init(name[g.nodes]) + self.image_init(image[g.nodes]))
+        h = self.name_init(name[g.nodes]) + self.image_init(image[g.nodes])
+        if self.row_map is not None:
+            if rows is None:
+                raise ValueError("model.knowledge.node_rows needs the answer-side rows (ELMM.answer_rows.weight)")
+            h = h + F.linear(rows[g.nodes.to(rows.device)].to(h.device, h.dtype), self.row_map.to(h.dtype))
+        h = self.node_norm(h)
         r = self.source.num_relations
         relations = self.relation_norm(self.relation_init(relation)) if self.relation_init is not None else None
         src, dst = torch.cat([g.src, g.dst]), torch.cat([g.dst, g.src])
         return self.encoder(h, src, dst, torch.cat([g.rel, g.rel + r]), relations)
 
     # ---- query side --------------------------------------------------------------------------
-    def tokens(self, kb: KnowledgeBatch, text_query: torch.Tensor, backbone):
+    def tokens(self, kb: KnowledgeBatch, text_query: torch.Tensor, backbone, rows: torch.Tensor | None = None):
         """(knowledge tokens [B, T, D], their mask [B, T], lambda * L_align or None)."""
         g = kb.query.to(text_query.device)
-        h = self.encode(g, backbone)
+        h = self.encode(g, backbone, rows)
         nodes, mask = dense(g, h)
         tokens = self.adapter(text_query, nodes, mask)
         token_mask = mask.any(1)[:, None].expand(-1, tokens.shape[1])
@@ -175,10 +187,12 @@ class KnowledgePath(nn.Module):
         return tokens, token_mask, align
 
     # ---- candidate side ----------------------------------------------------------------------
-    def entity_table(self, backbone) -> torch.Tensor:
+    def entity_table(self, backbone, rows: torch.Tensor | None = None) -> torch.Tensor:
         """h_e [E, d] of every entity from its own neighbourhood; cached in eval mode until a
         parameter changes (optimizer steps and load_state_dict bump the version counters)."""
-        key = (backbone.decoder.embed_tokens.weight.device, tuple(p._version for p in self.parameters()))
+        read_rows = self.row_map is not None and rows is not None
+        versions = tuple(p._version for p in self.parameters()) + ((rows._version,) if read_rows else ())
+        key = (backbone.decoder.embed_tokens.weight.device, versions)
         if not self.training and self._table is not None and self._table[0] == key:
             return self._table[1]
         device = self.features(backbone)[0].device
@@ -186,18 +200,18 @@ class KnowledgePath(nn.Module):
             n = self.source.num_entities
             self._entity_graphs = [self.source.entity_graphs(torch.arange(lo, min(lo + ENTITY_CHUNK, n)))
                                    for lo in range(0, n, ENTITY_CHUNK)]
-        table = torch.cat([self.encode(g, backbone)[g.roots.to(device)] for g in self._entity_graphs])
+        table = torch.cat([self.encode(g, backbone, rows)[g.roots.to(device)] for g in self._entity_graphs])
         if not self.training:
             self._table = (key, table.detach())
         return table
 
     @torch.no_grad()
-    def candidate_rows(self, backbone) -> torch.Tensor:
+    def candidate_rows(self, backbone, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[E, Q] the candidate term as extra entity rows: s_e = E'_m . (w_e + P h_e) + b_e."""
-        return self.entity_table(backbone) @ self.candidate.weight.T
+        return self.entity_table(backbone, rows) @ self.candidate.weight.T
 
     def score_candidates(self, scores: torch.Tensor, query: torch.Tensor, kb: KnowledgeBatch | None,
-                         backbone) -> torch.Tensor:
+                         backbone, rows: torch.Tensor | None = None) -> torch.Tensor:
         """`scores` [B, E] plus E'_m . P h_e. With loss columns in `kb` (training, bce) only those
         columns get the term (the rest of the row is not used by the loss); with `every_entity`
         (training, softmax) every column gets it from the table, the target's from its own graph."""
@@ -205,15 +219,15 @@ class KnowledgePath(nn.Module):
             return scores
         qp = query @ self.candidate.weight.to(query.dtype)  # [B, d]
         if kb is None or kb.candidates is None:
-            return scores + qp @ self.entity_table(backbone).to(qp.dtype).T
+            return scores + qp @ self.entity_table(backbone, rows).to(qp.dtype).T
         g = kb.candidates.to(query.device)
-        h = self.encode(g, backbone)[g.roots]  # [G, d]
+        h = self.encode(g, backbone, rows)[g.roots]  # [G, d]
         cols, graph = kb.columns.to(query.device), kb.column_graph.to(query.device)
         term = (qp[:, None, :] * h[graph].to(qp.dtype)).sum(-1)  # [B, C]
         base = scores.gather(1, cols)
         value = (base + term).to(scores.dtype)
         if kb.every_entity:  # softmax: every column from the table (with gradients), then the target's own
-            scores = scores + (qp @ self.entity_table(backbone).to(qp.dtype).T).to(scores.dtype)
+            scores = scores + (qp @ self.entity_table(backbone, rows).to(qp.dtype).T).to(scores.dtype)
             return scores.scatter(1, cols, value)
         # negatives first, then the target, whose own value (its neighbourhood without the query edge)
         # wins should it also have been drawn as a negative
