@@ -128,6 +128,9 @@ ABLATIONS = {
     # node init also reads each node's answer-side row (W_C, zero at start): the tokens carry what the
     # neighbours have been learnt to answer, not only who they are
     "node-rows": [KNOWLEDGE_ON, "model.knowledge.node_rows=true"],
+    # both: each candidate's neighbourhood term is then built from its neighbours' rows (a GNN over
+    # learnt entity vectors, as CompGCN's), not only from their fixed features
+    "graph-node-rows": [KNOWLEDGE_ON, "model.knowledge.candidates=graph", "model.knowledge.node_rows=true"],
     # training subgraphs keep the query edge's reverse (t, r, h): the leak choice issue 15 asks to measure
     "keep-reverse": [KNOWLEDGE_ON, "model.knowledge.reverse_edge=keep"],
     # the number of retrieved triples N (MR-MKG: accuracy falls beyond 20-30); seeds n <= N
