@@ -13,6 +13,7 @@ from pathlib import Path
 from _common import device, params, parse_args, setup
 from elmm.baselines import GroupPrecision, check_against_ceilings, format_against_baselines, read_against_baselines
 from elmm.evaluation import TIE_ATOL, TIE_RTOL
+from elmm.head_scoring import head_rescorer
 from elmm.io import read_json, write_json
 from elmm.kg.queries import FilterIndex, queries_from_triples
 from elmm.model_io import load_trained
@@ -68,14 +69,17 @@ def main(argv: list[str] | None = None) -> None:
 
     group = GroupPrecision.of_kg(kg)  # synthetic world only: share of the top 10 in the answer's pool
 
-    def on_batch(q, out, known):
-        for meter in meters.values():
+    def on_batch(q, out, known, scores):
+        for meter in meters.values():  # the index serves the model's own query vectors: direct scores
             meter(q, out, known)
         if group is not None:
-            group(q, out.scores.float(), known)
+            group(q, scores, known)
 
+    # Head queries scored as triples (elmm.head_scoring); per_relation chooses on the valid split.
+    rescore, head_report = head_rescorer(model, ws, ev.head_scoring, queries, queries_from_triples(kg.triples["valid"]),
+                                         filters, ev.batch_size, p.train.precision)
     res = evaluate_ranking(model, ws, queries, filters, ev.batch_size, precision=p.train.precision,
-                           desc="evaluate", on_batch=on_batch if meters or group is not None else None)
+                           desc="evaluate", on_batch=on_batch if meters or group is not None else None, rescore=rescore)
     m = res.metrics
     r = res.ranks
     write_rank_table(ranks_path(ev.split), r["relation"], r["direction"], queries.anchors, queries.targets,
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         "split": ev.split,
         "ranks": {"kind": "realistic", "tie_atol": TIE_ATOL, "tie_rtol": TIE_RTOL,
                   "filter": "train+valid+test"},
+        "head_scoring": head_report,
         "head": m["head"], "tail": m["tail"], "anchor_rank": m["anchor_rank"], "per_relation": m["per_relation"],
         "efficiency": {
             "queries_per_second": round(res.queries_per_second, 2),

@@ -365,6 +365,10 @@ def test_evaluate_json_has_every_field(fresh) -> None:
             assert entry["count"] == ev["per_relation"][name][side]["count"]
             assert 0 <= entry["precision"] <= 1 and 0 < entry["chance"] < 1
     assert group["overall"]["count"] == sum(e["count"] for s in group["per_relation"].values() for e in s.values())
+    head = ev["head_scoring"]  # the default: per relation, the best mode on valid's head queries
+    assert head["mode"] == "per_relation" and head["tail_queries"] == 54 * len(head["chosen"])
+    for name, mode in head["chosen"].items():
+        assert head["valid_head_mrr"][name][mode] == max(head["valid_head_mrr"][name].values())
 
 
 def test_evaluate_writes_the_per_query_ranks(fresh, micro_env) -> None:

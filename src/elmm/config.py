@@ -196,6 +196,9 @@ class EvaluateParams:
     index_ef_search: int = 64
     index_nlist: int = 0  # IVF lists; 0 = about sqrt(entities)
     index_nprobe: int = 4
+    # head queries (?, r, t): direct (their own prompt) | triples (log p(t | e, r) from each candidate's
+    # tail query) | sum (both) | per_relation (the best of the three per relation on valid); elmm.head_scoring
+    head_scoring: Literal["direct", "triples", "sum", "per_relation"] = "per_relation"
 
 
 @dataclass

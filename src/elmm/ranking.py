@@ -35,20 +35,23 @@ class RankingResult:
         return self.queries / self.seconds if self.seconds else 0.0
 
 
-BatchHook = Callable[[Queries, QueryOutput, torch.Tensor], None]
+BatchHook = Callable[[Queries, QueryOutput, torch.Tensor, torch.Tensor], None]
+Rescore = Callable[[Queries, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
 def evaluate_ranking(model: ELMM, ws: Workspace, queries: Queries, filters: FilterIndex, batch_size: int, *,
                      precision: str = "fp32", desc: str = "rank", progress: bool = True,
-                     on_batch: BatchHook | None = None) -> RankingResult:
+                     on_batch: BatchHook | None = None, rescore: Rescore | None = None) -> RankingResult:
     """Filtered ranks of every query against all entities, in chunks of `batch_size` queries.
 
     Memory is O(batch_size x entities) whatever the number of queries: ranks are counted per
     chunk (never sorted) and only the ranks are kept. From the same scores, each query's own anchor
     is ranked too (`evaluation.anchor_ranks`: how the model ranks the entity it was shown). The
-    per-query ranks come back in `ranks`. `on_batch(queries, output, known)` sees each chunk's model
-    output and filter mask (used for the faiss recall check).
+    per-query ranks come back in `ranks`. `rescore(queries, scores)` may replace a chunk's scores
+    before ranking (`elmm.head_scoring`: head queries scored as triples). `on_batch(queries,
+    output, known, scores)` sees each chunk's model output, filter mask and the scores ranked (the
+    faiss recall check reads the output, in-group precision the scores).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -67,13 +70,15 @@ def evaluate_ranking(model: ELMM, ws: Workspace, queries: Queries, filters: Filt
         forward += time.perf_counter() - t0
         known = filters.mask(q.anchors, q.relations, q.directions).to(device)
         scores = out.scores.float()
+        if rescore is not None:
+            scores = rescore(q, scores)
         ranks = compute_ranks(scores, q.targets.to(device), known)
         anchor = anchor_ranks(scores, q.anchors.to(device), q.targets.to(device), known)
         acc.add({k: v.cpu() for k, v in ranks.items()}, q.directions, q.relations,
                 anchor={k: v.cpu() for k, v in anchor.items()})
         if on_batch is not None:
             t0 = time.perf_counter()
-            on_batch(q, out, known)
+            on_batch(q, out, known, scores)
             hooks += time.perf_counter() - t0
         image_tokens = out.image_tokens
     seconds = time.perf_counter() - start - hooks
