@@ -74,6 +74,8 @@ def test_a_param_added_later_takes_its_default_in_older_runs():
     # a run from before train.loss existed trained eq. 15's bce, not today's default (BEFORE_ADDED)
     assert first[0]["params"]["train"]["loss"] == "bce" != Params().train.loss
     assert first[0]["params"]["pretrain"]["reading_loss"] == "line" != Params().pretrain.reading_loss
+    # a run from before evaluate.head_scoring ranked its head queries with their own prompt
+    assert first[0]["params"]["evaluate"]["head_scoring"] == "direct" != Params().evaluate.head_scoring
 
 
 def test_runs_of_two_commits_sharing_a_name_but_not_params_are_two_groups():

@@ -185,7 +185,8 @@ def _row(name: str, data: dict) -> dict | None:
 #: Params whose current default is not the behaviour before they existed, with that behaviour's
 #: value: a run made before the param was added is read with it (`with_defaults`).
 BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0, "model.entity_token_at": "name",
-                "train.loss": "bce", "pretrain.reading_loss": "line", "model.entity_token_tied": False}
+                "train.loss": "bce", "pretrain.reading_loss": "line", "model.entity_token_tied": False,
+                "evaluate.head_scoring": "direct"}
 
 
 def _defaults_before_added() -> dict:
