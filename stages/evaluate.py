@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
             group(q, scores, known)
 
     # Head queries scored as triples (elmm.head_scoring); per_relation chooses on the valid split.
+    if ev.head_scoring == "per_relation" and ev.split == "valid":
+        print("evaluate: warning: evaluate.head_scoring=per_relation chooses each relation's mode on the valid "
+              "split, which is the split evaluated here: its head metrics are optimistic", file=sys.stderr)
     rescore, head_report = head_rescorer(model, ws, ev.head_scoring, queries, queries_from_triples(kg.triples["valid"]),
                                          filters, ev.batch_size, p.train.precision)
     res = evaluate_ranking(model, ws, queries, filters, ev.batch_size, precision=p.train.precision,
