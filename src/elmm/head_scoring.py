@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .batches import forward_batch, make_batch
 from .device import autocast
 from .kg.queries import HEAD, TAIL, FilterIndex, Queries
+from .ranking import evaluate_ranking
 from .workspace import Workspace
 
 MODES = ("direct", "sum", "triples")  # the order also breaks ties of per_relation's choice
@@ -110,8 +111,6 @@ def choose_per_relation(model, ws: Workspace, view: TripleView, valid: Queries, 
                         batch_size: int, precision: str = "fp32") -> tuple[dict[int, str], dict[str, dict[str, float]]]:
     """Per relation, the mode with the highest MRR on `valid`'s head queries, and every mode's MRR
     per relation name."""
-    from .ranking import evaluate_ranking  # ranking imports the model; kept out of this module's import
-
     heads = valid.subset(torch.nonzero(valid.directions == HEAD).squeeze(1))
     names = ws.kg.relations["name"].tolist()
     relations = sorted(set(heads.relations.tolist()))
