@@ -14,7 +14,7 @@ import torch
 
 from elmm.batches import forward_batch, make_batch
 from elmm.config import load_params
-from elmm.kg.queries import TAIL, FilterIndex, Queries
+from elmm.kg.queries import HEAD, TAIL, FilterIndex, Queries
 from elmm.model_io import load_trained
 from elmm.predict import main
 from elmm.workspace import open_workspace
@@ -39,7 +39,8 @@ def predict_json(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def model_scores(root: Path, anchor: int, relation: int, direction: int) -> torch.Tensor:
+def model_scores(root: Path, anchor: int | list[int], relation: int, direction: int) -> torch.Tensor:
+    """The trained model's scores of (anchor, relation, direction): [E], or [len(anchor), E] for a list."""
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -47,9 +48,11 @@ def model_scores(root: Path, anchor: int, relation: int, direction: int) -> torc
         model = load_trained(ws, "data/model")
     finally:
         os.chdir(cwd)
-    q = Queries(torch.tensor([anchor]), torch.tensor([relation]), torch.tensor([direction]), torch.tensor([0]))
+    anchors = torch.tensor([anchor] if isinstance(anchor, int) else anchor)
+    q = Queries(anchors, torch.full_like(anchors, relation), torch.full_like(anchors, direction), torch.zeros_like(anchors))
     with torch.no_grad():
-        return forward_batch(model, make_batch(ws, q)).scores[0]
+        scores = forward_batch(model, make_batch(ws, q)).scores
+    return scores[0] if isinstance(anchor, int) else scores
 
 
 def test_top_k_excludes_known_answers_and_matches_the_model(project, micro_env, capsys) -> None:
@@ -85,6 +88,46 @@ def test_names_ids_and_indices_give_the_same_query(project, micro_env, capsys) -
             for spec, rspec in ((str(e), str(r)), (eid, rel_id), (name.upper(), rel_name))]
     assert runs[0] == runs[1] == runs[2]
     assert runs[0]["direction"] == "head" and runs[0]["query"] == f"(?, {rel_name}, {name})"
+
+
+def test_head_queries_are_scored_as_evaluate_scores_them(project, micro_env, capsys) -> None:
+    kg = open_workspace(micro_env.params, micro_env.kg_dir, micro_env.backbone_dir, micro_env.encoded_dir).kg
+    _, r, t = (int(x) for x in kg.triples["train"][0])
+    n, rel = kg.num_entities, kg.relations["name"].iloc[r]
+    known = FilterIndex(kg.all_triples(), n).answers(t, r, HEAD)
+    # log p(t | e, r) for every candidate e, each from e's own tail query, one forward at a time.
+    triples = torch.log_softmax(model_scores(project, list(range(n)), r, TAIL).float(), 1)[:, t]
+    direct = torch.log_softmax(model_scores(project, t, r, HEAD).float(), 0)
+
+    def top(scores: torch.Tensor) -> list[int]:
+        scores = scores.clone()
+        scores[torch.as_tensor(known)] = float("-inf")
+        return scores.topk(5).indices.tolist()
+
+    args = ("--tail", str(t), "--relation", str(r), "-k", "5", "--root", str(project))
+    res = predict_json(capsys, *args, "--head-scoring", "triples")
+    assert res["scoring"] == {"mode": "triples", "source": "--head-scoring"}
+    assert [row["index"] for row in res["results"]] == top(triples)
+    assert [row["probability"] for row in res["results"]] == pytest.approx(triples.exp()[top(triples)].tolist(), abs=1e-4)
+    assert top(triples) != top(direct)  # otherwise the check above could not tell the modes apart
+    # per_relation (the micro project's evaluate.head_scoring): the choice recorded by evaluate.
+    metrics = project / "metrics" / "evaluate.json"
+    assert not metrics.exists()
+    res = predict_json(capsys, *args)
+    assert res["scoring"]["mode"] == "direct" and "not found" in res["scoring"]["source"]
+    metrics.parent.mkdir(exist_ok=True)
+    try:
+        metrics.write_text(json.dumps({"head_scoring": {"mode": "per_relation", "chosen": {rel: "sum"}}}))
+        res = predict_json(capsys, *args)
+        assert res["scoring"]["mode"] == "sum" and [row["index"] for row in res["results"]] == top(direct + triples)
+        assert all(row["probability"] is None for row in res["results"])
+        assert main([*args]) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith("scored as sum (per_relation, chosen on valid")
+        metrics.write_text("{")
+        assert main([*args]) == 2
+        assert "metrics/evaluate.json: not valid JSON" in capsys.readouterr().err
+    finally:
+        metrics.unlink()
 
 
 def test_table_output_and_errors(project, capsys) -> None:
