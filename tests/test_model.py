@@ -16,7 +16,7 @@ from elmm.batches import forward_batch, make_batch
 from elmm.config import ParamsError, from_dict, validate
 from elmm.kg.queries import HEAD, TAIL, Queries, queries_from_triples
 from elmm.model import ELMM, ELMMConfig, MVTCView, elmm_loss, masked_max, softmax_loss
-from elmm.prompt import PromptBuilder
+from elmm.prompt import PromptBuilder, answer_prefixes
 from elmm.workspace import Workspace
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
@@ -593,6 +593,49 @@ def test_prompt_marks_the_entity_name_and_the_relation_phrase(micro_backbone) ->
     # the template words and the description are outside the mask
     assert not text.query_mask[0, : len(ids(" entity:"))].any()
     assert not text.query_mask[0, len(name_ids): len(name_ids) + len(desc) + len(ids(" relation:"))].any()
+
+
+class _WordTokenizer:
+    """One id per space-separated word: prefixes of names can be written down by hand."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+
+
+def test_answer_prefixes_are_the_tokens_every_training_answer_starts_with() -> None:
+    tok = _WordTokenizer()
+    names = ["colour red", "colour dark blue", "Ada Lovelace", "Ada Byron", "region far north", "Bo"]
+    ids = {w: tok(f" {w}")["input_ids"][0] for w in ("colour", "Ada", "region", "far")}
+    triples = [(2, 0, 0), (3, 0, 1), (5, 0, 0),  # relation 0: answers "colour ..."; heads Ada, Ada, Bo
+               (5, 1, 4), (5, 1, 4),             # relation 1: one answer, three tokens long
+               (0, 2, 2), (1, 2, 3),             # relation 2: answers "Ada ..." (tails), "colour ..." (heads)
+               (2, 3, 5), (3, 3, 0)]             # relation 3: "Bo" and "colour red" share nothing
+    out = answer_prefixes(tok, names, torch.tensor(triples), num_relations=5)
+    assert out[TAIL] == [[ids["colour"]], [ids["region"], ids["far"]], [ids["Ada"]], [], []]
+    # heads: relation 0's Ada, Ada, Bo share nothing; relation 1's only head "Bo" is one token, so
+    # nothing is left short of it; relation 2's heads are colours
+    assert out[HEAD] == [[], [], [ids["colour"]], [ids["Ada"]], []]
+
+
+def test_prompt_appends_the_answer_prefix_and_reads_after_it(micro_backbone) -> None:
+    """With prefixes, the relation segment ends with them: the ids, E_relation's position (and so
+    where entity_token_at: answer adds the vector) move to the prefix's last token, which the text
+    view's query leaves out; a relation without one is unchanged."""
+    tok = micro_backbone.tokenizer
+    plain, _ = _hand_prompt(tok)
+    names, descs = ["Ada Lovelace", "Bo"], ["a painter of the world", ""]
+    prefix = tok(" colour", add_special_tokens=False)["input_ids"]
+    prompts = PromptBuilder(tok, names, descs, ["has colour"], max_text_tokens=8, prefixes=[[prefix], [[]]])
+    q = (torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([TAIL, HEAD]))
+    a, b = prompts.build(*q), plain.build(*q)
+    n = int(b.mask[0].sum())
+    assert a.ids[0, : n + len(prefix)].tolist() == b.ids[0, :n].tolist() + prefix
+    assert a.relation_pos.tolist() == [b.relation_pos[0] + len(prefix), b.relation_pos[1]]
+    assert not a.query_mask[0, n:].any() and a.query_mask[0, :n].equal(b.query_mask[0, :n])
+    assert a.ids[1, : int(a.mask[1].sum())].equal(b.ids[1, : int(b.mask[1].sum())])
 
 
 def _text_query(model: ELMM, ws, batch: dict, perturb: torch.Tensor | None = None) -> torch.Tensor:

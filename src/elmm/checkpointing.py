@@ -70,6 +70,8 @@ def training_fingerprint(p: Params, inputs: Iterable[str | Path], code: Iterable
                                                       "entity_readout": m.entity_readout,
                                                       "max_text_tokens": m.max_text_tokens,
                                                       "max_image_tokens": m.max_image_tokens}}
+    if m.answer_prefix:  # (likewise: fingerprints of runs without it stay as they were)
+        keys["model"]["answer_prefix"] = True
     if m.knowledge.enabled:  # (only then, so that fingerprints of runs without it stay as they were)
         keys["model"]["knowledge"] = asdict(m.knowledge)
     if m.entity_token != "none":  # (likewise, and each option only away from its behaviour before it existed)

@@ -130,6 +130,9 @@ class ModelParams:
     entity_token_dropout: float = 0.0  # training: share of queries whose anchor vector is left out
     max_text_tokens: int = 32
     max_image_tokens: int = 256
+    # after the answer cue, the tokens every training answer's name of the relation starts with
+    # (elmm.prompt.answer_prefixes), so E_relation is read where the backbone reads the value
+    answer_prefix: bool = False
 
 
 @dataclass

@@ -98,6 +98,9 @@ ABLATIONS = {
     # the anchor's vector left out of half the training queries, so the answers must also come from
     # the pictures and the description (the vector can memorise every training fact)
     "entity-token-dropout": ["model.entity_token_dropout=0.5"],
+    # E_relation read after the tokens every training answer of the relation starts with (" answer:
+    # region"), where the pretrained backbone reads the value from the description (docs/model.md)
+    "answer-prefix": ["model.answer_prefix=true"],
     # regularising the per-entity tables (the default memorises the structure relations: train MRR
     # 0.8, test 0.06-0.18): AdamW's decoupled weight decay, or a soft target under the softmax loss
     "weight-decay": ["train.weight_decay=0.3"],

@@ -9,6 +9,13 @@ The closing " answer:" is the cue the tiny backbone was pretrained with (elmm.pr
 training triples in these same words, followed by the answer's name), so E_relation is read where
 the language model predicts the answer.
 
+With `model.answer_prefix`, the cue is followed by the tokens that every training answer's name of
+the relation (and direction) starts with, short of any whole name (`answer_prefixes`): " answer:
+region" when every `comes from` answer is a "region ...". A language model decoding the answer
+would emit those tokens first whatever the entity; the value that tells the answers apart is
+predicted one position later, and that is where the pretrained backbone reads the description
+(docs/model.md). Where the answers share no first token (objects, FB15k-237's people) nothing is added.
+
 The description is truncated to `max_text_tokens` tokens. The completion layer reads the hidden
 state at the last token of the entity segment (E_entity: in a causal decoder it has seen the
 whole entity text and the image tokens; `model.entity_readout: name_end` takes the last token of
@@ -32,7 +39,7 @@ import torch
 
 from .kg.queries import HEAD, TAIL  # direction codes: predict the tail of (e, r, ?) / the head of (?, r, e)
 
-__all__ = ["HEAD", "TAIL", "PromptBuilder", "TextBatch"]
+__all__ = ["HEAD", "TAIL", "PromptBuilder", "TextBatch", "answer_prefixes"]
 
 
 @dataclass
@@ -75,9 +82,40 @@ def _marked_ids(tokenizer, prefix: str, body: str, suffix: str = "") -> tuple[li
     return list(enc["input_ids"]), [s < end and e > start for s, e in enc["offset_mapping"]]
 
 
+def answer_prefixes(tokenizer, entity_names: list[str], triples, num_relations: int) -> list[list[list[int]]]:
+    """[direction][relation] -> the token ids every answer's name (" {name}") starts with, among the
+    answers of `triples` (the TRAINING split's [N, 3] (h, r, t) rows) of that relation and direction,
+    cut one token short of the shortest name, so no answer is ever spelt out whole. Empty where the
+    answers share no first token or the relation has none."""
+    cache: dict[int, list[int]] = {}
+
+    def name_ids(e: int) -> list[int]:
+        if e not in cache:
+            cache[e] = tokenizer(f" {entity_names[e]}", add_special_tokens=False)["input_ids"]
+        return cache[e]
+
+    out: list[list[list[int]]] = [[[] for _ in range(num_relations)] for _ in (TAIL, HEAD)]
+    rows = torch.as_tensor(triples).long().reshape(-1, 3)
+    for r in range(num_relations):
+        mine = rows[rows[:, 1] == r]
+        for direction, column in ((TAIL, 2), (HEAD, 0)):
+            answers = [name_ids(e) for e in sorted(set(mine[:, column].tolist()))]
+            if not answers:
+                continue
+            prefix = answers[0][:min(len(a) for a in answers) - 1]
+            for a in answers[1:]:
+                n = 0
+                while n < len(prefix) and prefix[n] == a[n]:
+                    n += 1
+                prefix = prefix[:n]
+            out[direction][r] = prefix
+    return out
+
+
 class PromptBuilder:
     def __init__(self, tokenizer, entity_names: list[str], entity_descriptions: list[str], relation_names: list[str],
-                 max_text_tokens: int):
+                 max_text_tokens: int, prefixes: list[list[list[int]]] | None = None):
+        """`prefixes`: `answer_prefixes`' output, appended after the answer cue (None: nothing)."""
         self.pad_id = tokenizer.pad_token_id
         self.bos_id = tokenizer.bos_token_id
 
@@ -101,8 +139,9 @@ class PromptBuilder:
         for r in relation_names:
             for direction, phrase in ((TAIL, r), (HEAD, f"inverse of {r}")):
                 rel_ids, rel_flags = _marked_ids(tokenizer, " relation: ", phrase, ANSWER_CUE)
-                self.relation_ids[direction].append(rel_ids)
-                self.relation_flags[direction].append(rel_flags)
+                extra = prefixes[direction][len(self.relation_ids[direction])] if prefixes else []
+                self.relation_ids[direction].append(rel_ids + list(extra))
+                self.relation_flags[direction].append(rel_flags + [False] * len(extra))
 
     def build(self, anchors: torch.Tensor, relations: torch.Tensor, directions: torch.Tensor) -> TextBatch:
         seqs, flags, ent_pos, rel_pos, ent_len, name_pos = [], [], [], [], [], []

@@ -9,7 +9,7 @@ from .backbone import Backbone, load_backbone
 from .config import Params
 from .image_tokens import ImageTokens
 from .kg.format import KnowledgeGraph, load_kg
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, answer_prefixes
 
 
 @dataclass
@@ -27,6 +27,9 @@ def open_workspace(params: Params, kg_dir="data/kg", backbone_dir="data/backbone
     kg = load_kg(kg_dir)
     backbone = load_backbone(backbone_dir)
     tokens = ImageTokens(encoded_dir, kg.num_entities)
-    prompts = PromptBuilder(backbone.tokenizer, kg.entities["name"].tolist(), kg.entities["description"].tolist(),
-                            kg.relations["name"].tolist(), params.model.max_text_tokens)
+    names = kg.entities["name"].tolist()
+    prefixes = (answer_prefixes(backbone.tokenizer, names, kg.triples["train"], kg.num_relations)
+                if params.model.answer_prefix else None)  # from the training split only
+    prompts = PromptBuilder(backbone.tokenizer, names, kg.entities["description"].tolist(),
+                            kg.relations["name"].tolist(), params.model.max_text_tokens, prefixes)
     return Workspace(params, kg, backbone, tokens, prompts)
