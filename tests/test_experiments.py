@@ -76,6 +76,8 @@ def test_a_param_added_later_takes_its_default_in_older_runs():
     assert first[0]["params"]["pretrain"]["reading_loss"] == "line" != Params().pretrain.reading_loss
     # a run from before evaluate.head_scoring ranked its head queries with their own prompt
     assert first[0]["params"]["evaluate"]["head_scoring"] == "direct" != Params().evaluate.head_scoring
+    # and read E_relation at the answer cue, with no answer prefix after it
+    assert first[0]["params"]["model"]["answer_prefix"] is False and Params().model.answer_prefix is True
 
 
 def test_runs_of_two_commits_sharing_a_name_but_not_params_are_two_groups():
@@ -171,8 +173,8 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
     """At the default K = L/2 (ridge, closed form), half-ridge is the baseline and the other half-*
     runs repeat paper-wc, no-linear and no-init, and the entity token's variants at the default
     position and of the default kind (tied too), the default loss's (with the knowledge path too),
-    the default pretraining's and the path's default N are the baseline: only the distinct runs are
-    queued."""
+    the default pretraining's, the answer prefix's and the path's default N are the baseline: only the
+    distinct runs are queued."""
     import yaml
 
     from elmm.experiments import LR_SWEEP
@@ -196,7 +198,9 @@ def test_queue_skips_runs_that_repeat_the_baseline_or_another_ablation():
         # the pretraining's variant that is the default (reading-both since it was measured)
         [f"skipping reading-{pre['reading_loss']}: the same params as the baseline"]
         if ((pre := base["pretrain"])["reading_loss"], pre["reading_share"], pre["steps"]) in (("line", 0.5, 400),
-                                                                                   ("both", 0.8, 600)) else []) + (
+                                                                                   ("both", 0.8, 600)) else []) + [
+        # the answer prefix's variant that is the default (on since it was measured)
+        f"skipping {'' if base['model']['answer_prefix'] else 'no-'}answer-prefix: the same params as the baseline"] + (
         # the weight-decay variant that is the default (0.3 since it was measured)
         [f"skipping {'weight-decay' if base['train']['weight_decay'] == 0.3 else 'no-weight-decay'}: the same params "
          "as the baseline"] if base["train"]["weight_decay"] in (0, 0.3) else []) + [

@@ -132,7 +132,7 @@ class ModelParams:
     max_image_tokens: int = 256
     # after the answer cue, the tokens every training answer's name of the relation starts with
     # (elmm.prompt.answer_prefixes), so E_relation is read where the backbone reads the value
-    answer_prefix: bool = False
+    answer_prefix: bool = True  # (False before it was measured)
 
 
 @dataclass

@@ -101,6 +101,7 @@ ABLATIONS = {
     # E_relation read after the tokens every training answer of the relation starts with (" answer:
     # region"), where the pretrained backbone reads the value from the description (docs/model.md)
     "answer-prefix": ["model.answer_prefix=true"],
+    "no-answer-prefix": ["model.answer_prefix=false"],
     # regularising the per-entity tables (the default memorises the structure relations: train MRR
     # 0.8, test 0.06-0.18): AdamW's decoupled weight decay, or a soft target under the softmax loss
     "weight-decay": ["train.weight_decay=0.3"],
@@ -189,7 +190,7 @@ def _row(name: str, data: dict) -> dict | None:
 #: value: a run made before the param was added is read with it (`with_defaults`).
 BEFORE_ADDED = {"model.entity_token": "none", "train.entity_lr_scale": 1.0, "model.entity_token_at": "name",
                 "train.loss": "bce", "pretrain.reading_loss": "line", "model.entity_token_tied": False,
-                "evaluate.head_scoring": "direct"}
+                "evaluate.head_scoring": "direct", "model.answer_prefix": False}
 
 
 def _defaults_before_added() -> dict:
