@@ -14,7 +14,7 @@ the relation (and direction) starts with, short of any whole name (`answer_prefi
 region" when every `comes from` answer is a "region ...". A language model decoding the answer
 would emit those tokens first whatever the entity; the value that tells the answers apart is
 predicted one position later, and that is where the pretrained backbone reads the description
-(docs/model.md). Where the answers share no first token (objects, FB15k-237's people) nothing is added.
+(docs/model.md). Where the answers share no first token (the synthetic world's objects) nothing is added.
 
 The description is truncated to `max_text_tokens` tokens. The completion layer reads the hidden
 state at the last token of the entity segment (E_entity: in a causal decoder it has seen the
