@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from elmm.fact_swap import NEEDS, SPLITS, TEXT_FACTS, fact_swap, materialise, resolve_rev, swapped
+from elmm.kg.queries import TAIL
 from elmm.kg.synthetic import ATTRIBUTE_RELATIONS, CONCEPTS, FACT_CLAUSES
 from elmm.model import QueryOutput
 
@@ -31,6 +32,8 @@ class _Oracle(nn.Module):
         scores = torch.zeros(len(text.anchors), self.ws.kg.num_entities)
         for i, (a, r) in enumerate(zip(text.anchors.tolist(), text.relations.tolist())):
             kind = self.kinds[r]
+            segment = self.ws.prompts.relation_ids[TAIL][r]  # the workspace's, answer prefix included
+            assert text.ids[i][text.mask[i]].tolist()[-len(segment):] == segment
             if self.reads:
                 words = self.ws.backbone.tokenizer.decode(text.ids[i][text.mask[i]])
                 pattern = FACT_CLAUSES[kind].replace("{}", "(\\w+)")
@@ -47,6 +50,10 @@ class _Oracle(nn.Module):
 def test_a_reader_follows_the_rewrite_and_a_memoriser_keeps_its_answer(make_workspace, micro_env, reads) -> None:
     ws = make_workspace(micro_env.params_with(max_text_tokens=512))  # the micro params cut descriptions at 8
     latent = pd.read_parquet(Path(micro_env.kg_dir) / "latent.parquet")
+    tok = ws.backbone.tokenizer
+    for r, kind in enumerate(ATTRIBUTE_RELATIONS.get(x) for x in ws.kg.relations["id"].astype(str)):
+        if kind in TEXT_FACTS:  # model.answer_prefix (the default): the cue is followed by the concept's kind
+            assert tok.decode(ws.prompts.relation_ids[TAIL][r]).rstrip().endswith(f"answer: {kind}")
     table = fact_swap(ws, _Oracle(ws, latent, reads), latent, batch_size=3)
     relations = {f"{ws.kg.relations['name'].iloc[i]} ({s})" for i, r in enumerate(ws.kg.relations["id"].astype(str))
                  if ATTRIBUTE_RELATIONS.get(r) in TEXT_FACTS for s in SPLITS}

@@ -90,9 +90,13 @@ def _probe(ws: Workspace, model, latent: pd.DataFrame, batch_size: int, split_of
             split.append(where)
         if not objects:
             continue
-        builders = {"as is": ws.prompts,
-                    "rewritten": PromptBuilder(ws.backbone.tokenizer, names, edited, kg.relations["name"].tolist(),
-                                               ws.params.model.max_text_tokens)}
+        rewritten_prompts = PromptBuilder(ws.backbone.tokenizer, names, edited, kg.relations["name"].tolist(),
+                                          ws.params.model.max_text_tokens)
+        # Only the descriptions differ: the relation segments are the workspace's, with the answer
+        # prefix (model.answer_prefix) after the cue where it has one.
+        rewritten_prompts.relation_ids = ws.prompts.relation_ids
+        rewritten_prompts.relation_flags = ws.prompts.relation_flags
+        builders = {"as is": ws.prompts, "rewritten": rewritten_prompts}
         # A clause cut off by model.max_text_tokens is in neither prompt: nothing to probe there.
         seen = [builders["as is"].entity_ids[o] != builders["rewritten"].entity_ids[o] for o in objects]
         objects, original, rewritten, split = ([x for x, keep in zip(xs, seen) if keep]
