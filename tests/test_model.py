@@ -599,13 +599,20 @@ def test_prompt_marks_the_entity_name_and_the_relation_phrase(micro_backbone) ->
 
 
 class _WordTokenizer:
-    """One id per space-separated word: prefixes of names can be written down by hand."""
+    """One id per space-separated word: prefixes of names can be written down by hand. With
+    `space`, every text starts with a lone space token, as SentencePiece's (Llama's) " {name}" does."""
 
-    def __init__(self):
-        self.vocab: dict[str, int] = {}
+    def __init__(self, space: bool = False):
+        self.vocab: dict[str, int] = {" ": 0}
+        self.space = space
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+        words = [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+        return {"input_ids": [0] * self.space + words}
+
+    def decode(self, ids: list[int]) -> str:
+        words = {i: w for w, i in self.vocab.items()}
+        return " ".join(words[i] for i in ids)
 
 
 def test_answer_prefixes_are_the_tokens_every_training_answer_starts_with() -> None:
@@ -621,6 +628,10 @@ def test_answer_prefixes_are_the_tokens_every_training_answer_starts_with() -> N
     # heads: relation 0's Ada, Ada, Bo share nothing; relation 1's only head "Bo" is one token, so
     # nothing is left short of it; relation 2's heads are colours
     assert out[HEAD] == [[], [], [ids["colour"]], [ids["Ada"]], []]
+    # a lone leading space token, shared by every name, is no prefix: the same answer
+    spaced = _WordTokenizer(space=True)
+    spaced.vocab = dict(tok.vocab)
+    assert answer_prefixes(spaced, names, torch.tensor(triples), num_relations=5) == out
 
 
 def test_prompt_appends_the_answer_prefix_and_reads_after_it(micro_backbone) -> None:

@@ -86,7 +86,9 @@ def answer_prefixes(tokenizer, entity_names: list[str], triples, num_relations: 
     """[direction][relation] -> the token ids every answer's name (" {name}") starts with, among the
     answers of `triples` (the TRAINING split's [N, 3] (h, r, t) rows) of that relation and direction,
     cut one token short of the shortest name, so no answer is ever spelt out whole. Empty where the
-    answers share no first token or the relation has none."""
+    answers share no first token or the relation has none. Leading tokens that decode to whitespace
+    alone are left out: a SentencePiece tokenizer (Llama's) starts every " {name}" with a lone "▁",
+    which says nothing about the answer."""
     cache: dict[int, list[int]] = {}
 
     def name_ids(e: int) -> list[int]:
@@ -108,6 +110,8 @@ def answer_prefixes(tokenizer, entity_names: list[str], triples, num_relations: 
                 while n < len(prefix) and prefix[n] == a[n]:
                     n += 1
                 prefix = prefix[:n]
+            while prefix and not tokenizer.decode(prefix[:1]).strip():
+                prefix = prefix[1:]
             out[direction][r] = prefix
     return out
 
