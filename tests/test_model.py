@@ -416,11 +416,9 @@ def _with_entity_changed(ws, entity: int, *, tokens: bool = True, text: bool = T
         descs = ws.kg.entities["description"].tolist()
         names[entity] = "zebra quantum xylophone"
         descs[entity] = "A completely different description of something else entirely."
-        prompts = PromptBuilder(ws.backbone.tokenizer, names, descs, ws.kg.relations["name"].tolist(),
-                                ws.params.model.max_text_tokens)
         # the relation segments as the workspace built them (model.answer_prefix: a property of the
         # training split's answers, computed once, never of one query's answer)
-        prompts.relation_ids, prompts.relation_flags = ws.prompts.relation_ids, ws.prompts.relation_flags
+        prompts = ws.prompts.with_entities(names, descs)
         assert prompts.entity_ids[entity] != ws.prompts.entity_ids[entity]
     return dataclasses.replace(ws, tokens=new, prompts=prompts)
 

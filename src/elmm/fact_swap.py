@@ -35,7 +35,6 @@ import torch
 
 from .kg.queries import TAIL, Queries
 from .kg.synthetic import ATTRIBUTE_RELATIONS, CONCEPTS, FACT_CLAUSES
-from .prompt import PromptBuilder
 from .workspace import Workspace
 
 TEXT_FACTS = ("category", "region", "material")  # the attributes only the description shows
@@ -90,13 +89,8 @@ def _probe(ws: Workspace, model, latent: pd.DataFrame, batch_size: int, split_of
             split.append(where)
         if not objects:
             continue
-        rewritten_prompts = PromptBuilder(ws.backbone.tokenizer, names, edited, kg.relations["name"].tolist(),
-                                          ws.params.model.max_text_tokens)
-        # Only the descriptions differ: the relation segments are the workspace's, with the answer
-        # prefix (model.answer_prefix) after the cue where it has one.
-        rewritten_prompts.relation_ids = ws.prompts.relation_ids
-        rewritten_prompts.relation_flags = ws.prompts.relation_flags
-        builders = {"as is": ws.prompts, "rewritten": rewritten_prompts}
+        # Only the descriptions differ (the relation segments keep model.answer_prefix's tokens).
+        builders = {"as is": ws.prompts, "rewritten": ws.prompts.with_entities(names, edited)}
         # A clause cut off by model.max_text_tokens is in neither prompt: nothing to probe there.
         seen = [builders["as is"].entity_ids[o] != builders["rewritten"].entity_ids[o] for o in objects]
         objects, original, rewritten, split = ([x for x, keep in zip(xs, seen) if keep]

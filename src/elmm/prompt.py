@@ -33,6 +33,8 @@ character offsets, so the token ids are those of the whole segment tokenised at 
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -104,12 +106,7 @@ def answer_prefixes(tokenizer, entity_names: list[str], triples, num_relations: 
             answers = [name_ids(e) for e in sorted(set(mine[:, column].tolist()))]
             if not answers:
                 continue
-            prefix = answers[0][:min(len(a) for a in answers) - 1]
-            for a in answers[1:]:
-                n = 0
-                while n < len(prefix) and prefix[n] == a[n]:
-                    n += 1
-                prefix = prefix[:n]
+            prefix = os.path.commonprefix(answers)[:min(len(a) for a in answers) - 1]  # elementwise on lists
             while prefix and not tokenizer.decode(prefix[:1]).strip():
                 prefix = prefix[1:]
             out[direction][r] = prefix
@@ -123,21 +120,10 @@ class PromptBuilder:
         self.pad_id = tokenizer.pad_token_id
         self.bos_id = tokenizer.bos_token_id
 
-        def ids(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-
+        self._tokenizer, self._max_text_tokens = tokenizer, max_text_tokens
         # Tokenise every entity and relation once; batches only concatenate id lists. Each id list
         # has a parallel list of flags: True on the tokens of the name / the relation phrase.
-        self.entity_ids: list[list[int]] = []
-        self.entity_flags: list[list[bool]] = []
-        self.name_end: list[int] = []  # index of the name's last token (a name without tokens: the template's)
-        for name, desc in zip(entity_names, entity_descriptions):
-            desc_ids = ids(f" , {desc}")[:max_text_tokens] if desc else []
-            name_ids, name_flags = _marked_ids(tokenizer, " entity: ", name)
-            self.entity_ids.append(name_ids + desc_ids)
-            self.entity_flags.append(name_flags + [False] * len(desc_ids))
-            marked = [i for i, f in enumerate(name_flags) if f]
-            self.name_end.append(marked[-1] if marked else len(name_ids) - 1)
+        self._set_entities(entity_names, entity_descriptions)
         self.relation_ids: list[list[list[int]]] = [[], []]
         self.relation_flags: list[list[list[bool]]] = [[], []]
         for r in relation_names:
@@ -146,6 +132,26 @@ class PromptBuilder:
                 extra = prefixes[direction][len(self.relation_ids[direction])] if prefixes else []
                 self.relation_ids[direction].append(rel_ids + list(extra))
                 self.relation_flags[direction].append(rel_flags + [False] * len(extra))
+
+    def _set_entities(self, names: list[str], descriptions: list[str]) -> None:
+        self.entity_ids: list[list[int]] = []
+        self.entity_flags: list[list[bool]] = []
+        self.name_end: list[int] = []  # index of the name's last token (a name without tokens: the template's)
+        for name, desc in zip(names, descriptions):
+            desc_ids = (self._tokenizer(f" , {desc}", add_special_tokens=False)["input_ids"][:self._max_text_tokens]
+                        if desc else [])
+            name_ids, name_flags = _marked_ids(self._tokenizer, " entity: ", name)
+            self.entity_ids.append(name_ids + desc_ids)
+            self.entity_flags.append(name_flags + [False] * len(desc_ids))
+            marked = [i for i, f in enumerate(name_flags) if f]
+            self.name_end.append(marked[-1] if marked else len(name_ids) - 1)
+
+    def with_entities(self, names: list[str], descriptions: list[str]) -> PromptBuilder:
+        """The same prompts with other entity names / descriptions: the relation segments (answer
+        prefixes included) stay as built, since they belong to the training split, not to an entity."""
+        other = copy.copy(self)
+        other._set_entities(names, descriptions)
+        return other
 
     def build(self, anchors: torch.Tensor, relations: torch.Tensor, directions: torch.Tensor) -> TextBatch:
         seqs, flags, ent_pos, rel_pos, ent_len, name_pos = [], [], [], [], [], []
