@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from elmm.testbed import control_table, floor_table, group_of, group_table, report
+from elmm.testbed import control_table, floor_table, group_of, group_table, headroom_table, relative_drop_interval, report
 
 RELATIONS = ["has colour", "knows"]  # modality image, structure (elmm.kg.synthetic.RELATIONS)
 
@@ -115,3 +115,55 @@ def test_report_of_another_group():
     assert text.startswith("c0, seeds [0]:") and "| overall | both | 4 |" in text
     with pytest.raises(SystemExit, match="no experiment group named 'nope'"):
         report(ROWS, read=read, group="nope")
+
+
+def _drop_reference(default, control, resamples, seed=0, block=100):
+    """The interval written out query by query: the same draws, one resample at a time."""
+    rng = np.random.default_rng(seed)
+    drops = []
+    for lo in range(0, resamples, block):
+        rows = min(block, resamples - lo)
+        picks = [rng.integers(0, d.size, (rows, d.size)) for d in default]
+        for i in range(rows):
+            hd = sum(d[p[i]].sum() for d, p in zip(default, picks))
+            hc = sum(c[p[i]].sum() for c, p in zip(control, picks))
+            if hd > 0:
+                drops.append(1 - hc / hd)
+    return tuple(np.percentile(drops, [2.5, 97.5]))
+
+
+def test_relative_drop_interval_keeps_pairs_and_pools_seeds():
+    rng = np.random.default_rng(3)
+    default = [(rng.random(40) < 0.3).astype(float), (rng.random(25) < 0.5).astype(float)]
+    control = [d * (rng.random(d.size) < 0.6) for d in default]  # the control loses some of the default's hits
+    low, high = relative_drop_interval(default, control, resamples=300)
+    assert (low, high) == pytest.approx(_drop_reference(default, control, 300))
+    point = 1 - sum(c.sum() for c in control) / sum(d.sum() for d in default)
+    assert low < point < high and 0 <= low and high <= 1  # a control that only loses hits: drop in [0, 1]
+
+
+def test_relative_drop_interval_degenerate_cases():
+    same = [np.array([1.0, 0.0, 1.0, 1.0])]
+    assert relative_drop_interval(same, same, resamples=200) == (0.0, 0.0)  # pairs kept: no drop in any resample
+    assert relative_drop_interval(same, [np.zeros(4)], resamples=200) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="not the same queries"):
+        relative_drop_interval(same, [np.zeros(3)])
+
+
+def test_control_table_reports_the_drop_interval():
+    groups = {c["group"]: c for c in control_table(group_of(ROWS, {}), group_of(ROWS, {"prune.k": 8}), RELATIONS, read,
+                                                    resamples=500)}
+    low, high = groups["all"]["relative_drop_ci"]  # seed 0: hits default [1, 0, 1, 0], control [1, 0, 0, 0]
+    assert low == 0.0 and high == 1.0
+    assert "50% [0%, 100%]" in report(ROWS, read=read)
+
+
+def test_headroom_table_weighs_each_side_by_its_queries():
+    heads = {h["group"]: h for h in headroom_table(floor_table(group_of(ROWS, {}), RELATIONS, read))}
+    # pooled over d0, d1 (2 queries a side, 8 in all), every ceiling 0.9: has colour tail 1, head (1/2 + 1) / 2;
+    # knows tail (1 + 1/2) / 2, head (1/4 + 1/2) / 2. A side above its ceiling counts negative.
+    assert heads["image"]["headroom"] == pytest.approx((2 * (0.9 - 1.0) + 2 * (0.9 - 0.75)) / 8)
+    assert heads["structure"]["headroom"] == pytest.approx((2 * (0.9 - 0.75) + 2 * (0.9 - 0.375)) / 8)
+    assert heads["structure"]["share_of_queries"] == 0.5 and heads["structure"]["model"] == pytest.approx(0.5625)
+    assert "text" not in heads
+    assert "| structure | 0.50 |" in report(ROWS, read=read)

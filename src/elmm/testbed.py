@@ -10,8 +10,10 @@ frequency prior and the KGE (metrics/ranks/prior.csv, kge.csv: every experiment 
 them). Per relation and side the report gives the MRR of each, the paired difference to the prior
 and to the KGE with its standard error (the sd of the per-query differences pooled over the seeds,
 over sqrt(n)), and the Bayes ceiling with the largest excess over it in SE; the in-group
-precision@10 of the structure relations beside the prior's, the KGE's and chance; then the positive
-control: Hits@1 per relation group of the default against the `no-attention` runs (K = L).
+precision@10 of the structure relations beside the prior's, the KGE's and chance; the headroom of
+each relation group (the overall MRR it would add at its ceilings); then the positive
+control: Hits@1 per relation group of the default against the `no-attention` runs (K = L), with the
+relative drop's paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -109,9 +111,67 @@ def floor_table(defaults: list[dict], relation_names: list[str], read: Reader) -
     return out
 
 
-def control_table(defaults: list[dict], controls: list[dict], relation_names: list[str], read: Reader) -> list[dict]:
-    """Hits@1 of the default and of K = L per relation group (seeds both ran), with the relative drop,
-    and the control's paired MRR difference to the prior (it must stay above the floor)."""
+def headroom_table(floor_rows: list[dict]) -> list[dict]:
+    """Per relation group: the overall MRR the model would gain if every relation and side of the group
+    reached its Bayes ceiling, sum(n_side * (ceiling - model)) / n_overall, from `floor_table`'s rows.
+
+    It bounds what any change confined to a group can add to overall MRR: a mechanism that only acts
+    on the structure relations cannot move overall MRR by more than the structure row."""
+    overall = next((r for r in floor_rows if r["relation"] == "overall" and r["side"] == "both"), None)
+    if overall is None or not overall["n"]:
+        return []
+    out = []
+    for group in ("image", "text", "structure"):
+        sides = [r for r in floor_rows if r["relation"] != "overall" and MODALITY.get(r["relation"]) == group
+                 and r["ceiling"] is not None]
+        if not sides:
+            continue
+        gain = sum(r["n"] * (r["ceiling"] - r["model"]) for r in sides) / overall["n"]
+        share = sum(r["n"] for r in sides) / overall["n"]
+        out.append({"group": group, "share_of_queries": share, "headroom": gain,
+                    "model": sum(r["n"] * r["model"] for r in sides) / sum(r["n"] for r in sides),
+                    "ceiling": sum(r["n"] * r["ceiling"] for r in sides) / sum(r["n"] for r in sides)})
+    return out
+
+
+def relative_drop_interval(default_hits: list[np.ndarray], control_hits: list[np.ndarray], resamples: int = 10_000,
+                           seed: int = 0, level: float = 0.95, block: int = 100) -> tuple[float, float]:
+    """Percentile bootstrap interval of the relative drop 1 - mean(control) / mean(default) of two
+    runs' per-query hits on the same queries (one array pair per seed).
+
+    The criterion is a ratio ("Hits@1 falls by at least 25%"), and a group's Hits@1 rests on few hits,
+    so the drop needs its own interval: one resample draws, within each seed, as many queries with
+    replacement and keeps each query's pair together (the two runs saw the same queries), pools the
+    seeds and takes the ratio. The draws follow `experiments.bootstrap_interval`'s stream. Resamples
+    without a default hit give no ratio and are left out of the percentiles.
+    """
+    pairs = [(np.asarray(d, dtype=np.float64), np.asarray(c, dtype=np.float64)) for d, c in zip(default_hits, control_hits)]
+    for d, c in pairs:
+        if d.shape != c.shape:
+            raise ValueError(f"paired hits differ in length ({d.size} against {c.size}): not the same queries")
+    pairs = [(d, c) for d, c in pairs if d.size]
+    if not pairs:
+        raise ValueError("no queries to resample")
+    rng = np.random.default_rng(seed)
+    drops = np.empty(resamples)
+    for lo in range(0, resamples, block):
+        rows = min(block, resamples - lo)
+        hit_d, hit_c = np.zeros(rows), np.zeros(rows)
+        for d, c in pairs:
+            pick = rng.integers(0, d.size, (rows, d.size))
+            hit_d += d[pick].sum(axis=1)
+            hit_c += c[pick].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            drops[lo:lo + rows] = np.where(hit_d > 0, 1.0 - hit_c / hit_d, np.nan)
+    low, high = np.nanpercentile(drops, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(low), float(high)
+
+
+def control_table(defaults: list[dict], controls: list[dict], relation_names: list[str], read: Reader,
+                  resamples: int = 10_000) -> list[dict]:
+    """Hits@1 of the default and of K = L per relation group (seeds both ran), with the relative drop
+    and its 95% paired bootstrap interval, and the control's paired MRR difference to the prior (it
+    must stay above the floor)."""
     by_seed = {r["params"].get("seed"): r for r in controls}
     pairs = [(d, by_seed[d["params"].get("seed")]) for d in defaults if d["params"].get("seed") in by_seed]
     out = []
@@ -131,8 +191,10 @@ def control_table(defaults: list[dict], controls: list[dict], relation_names: li
             continue
         h_d, h_c = (float(np.concatenate(v).mean()) for v in (hits["default"], hits["control"]))
         mean, se, n = _pooled(floor)
+        interval = relative_drop_interval(hits["default"], hits["control"], resamples) if h_d else None
         out.append({"group": group, "hits_at_1": h_d, "hits_at_1_no_attention": h_c,
-                    "relative_drop": (h_d - h_c) / h_d if h_d else None, "control_vs_prior": mean,
+                    "relative_drop": (h_d - h_c) / h_d if h_d else None, "relative_drop_ci": interval,
+                    "control_vs_prior": mean,
                     "control_z_prior": mean / se if se and not math.isnan(se) else None, "n": n,
                     "seeds": [d["params"].get("seed") for d, _ in pairs]})
     return out
@@ -176,6 +238,13 @@ def _f(x, digits: int = 4) -> str:
     return "-" if x is None else (f"{x:+.1f}" if digits == 1 else f"{x:.{digits}f}")
 
 
+def _drop(c: dict) -> str:
+    if c["relative_drop"] is None:
+        return "-"
+    low, high = c["relative_drop_ci"]
+    return f"{100 * c['relative_drop']:.0f}% [{100 * low:.0f}%, {100 * high:.0f}%]"
+
+
 def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = None, group: str | None = None) -> str:
     """Markdown: the floor/KGE/ceiling table of the default (or of the experiment group `group`, as
     `experiments table --by-seed` names it), then the positive control against the default."""
@@ -190,12 +259,20 @@ def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = 
     lines = [f"{title}, seeds {seeds}: MRR per relation and side (mean over seeds), paired differences in SE",
              "(positive = the model is better), and the largest excess over the Bayes ceiling in SE.", ""]
     body = []
-    for r in floor_table(subject, relation_names, read):
+    floor_rows = floor_table(subject, relation_names, read)
+    for r in floor_rows:
         body.append([r["relation"], r["side"], str(r["n"]), _fmt("mrr", r["model"]), _fmt("mrr", r["prior"]),
                      _f(r["z_prior"], 1), _fmt("mrr", r["kge"]), _f(r["z_kge"], 1), _fmt("mrr", r["ceiling"]),
                      _f(r["ceiling_excess_se"], 1)])
     lines.append(_markdown(["relation", "side", "queries", "model", "prior", "z vs prior", "KGE", "z vs KGE",
                             "ceiling", "max z over ceiling"], body))
+    headroom = headroom_table(floor_rows)
+    if headroom:
+        lines += ["", "Headroom: the overall MRR each relation group would add if all its relations and sides "
+                  "reached their Bayes ceilings (what any change confined to the group can gain at most).", ""]
+        lines.append(_markdown(["group", "share of queries", "model", "ceiling", "overall MRR to gain"],
+                               [[h["group"], f"{h['share_of_queries']:.2f}", _fmt("mrr", h["model"]),
+                                 _fmt("mrr", h["ceiling"]), f"{h['headroom']:+.4f}"] for h in headroom]))
     groups = group_table(subject)
     if groups:
         lines += ["", f"In-group precision@{groups[0]['k']} of the structure relations: the share of the filtered "
@@ -208,9 +285,9 @@ def report(rows: list[dict], read: Reader = git_reader, control_k: int | None = 
     if controls:
         lines += ["", f"Positive control: all attention removed (prune.k = {layers}), Hits@1 by relation group.", ""]
         body = [[c["group"], str(c["seeds"]), _fmt("h", c["hits_at_1"]), _fmt("h", c["hits_at_1_no_attention"]),
-                 "-" if c["relative_drop"] is None else f"{100 * c['relative_drop']:.0f}%", _fmt("mrr", c["control_vs_prior"]),
+                 _drop(c), _fmt("mrr", c["control_vs_prior"]),
                  _f(c["control_z_prior"], 1)] for c in control_table(defaults, controls, relation_names, read)]
-        lines.append(_markdown(["group", "seeds", "Hits@1 default", "Hits@1 K = L", "drop", "K = L MRR - prior",
+        lines.append(_markdown(["group", "seeds", "Hits@1 default", "Hits@1 K = L", "drop (95% CI)", "K = L MRR - prior",
                                 "z vs prior"], body))
     return "\n".join(lines)
 
