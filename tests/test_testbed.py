@@ -165,5 +165,8 @@ def test_headroom_table_weighs_each_side_by_its_queries():
     assert heads["image"]["headroom"] == pytest.approx((2 * (0.9 - 1.0) + 2 * (0.9 - 0.75)) / 8)
     assert heads["structure"]["headroom"] == pytest.approx((2 * (0.9 - 0.75) + 2 * (0.9 - 0.375)) / 8)
     assert heads["structure"]["share_of_queries"] == 0.5 and heads["structure"]["model"] == pytest.approx(0.5625)
+    # KGE: knows tail (1 + 1) / 2, head (1/2 + 1) / 2, both above the model; has colour tail 0.75 below it
+    assert heads["structure"]["headroom_to_kge"] == pytest.approx((2 * (1 - 0.75) + 2 * (0.75 - 0.375)) / 8)
+    assert heads["image"]["headroom_to_kge"] == pytest.approx(0.0)
     assert "text" not in heads
     assert "| structure | 0.50 |" in report(ROWS, read=read)
