@@ -388,30 +388,47 @@ def paired_differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> di
             "hits_at_1": (a["rank"] <= 1).astype(np.float64) - (b["rank"] <= 1).astype(np.float64)}
 
 
+def resampled_sums(columns_by_seed: Sequence[Sequence[np.ndarray]], resamples: int = 10_000, seed: int = 0,
+                   block: int = 100) -> np.ndarray:
+    """[k, resamples]: for each of k paired per-query columns, its sum over one bootstrap resample.
+
+    `columns_by_seed` holds, per seed, k arrays over that seed's queries (the same queries in each).
+    One resample draws, within each seed, as many query indices with replacement, and every column
+    is summed over the same draws, so a query's values stay together; the sums are pooled over the
+    seeds. The RNG is `numpy.random.default_rng(seed)`; resamples are drawn `block` at a time, for
+    each block seed by seed (`rng.integers(0, n, (rows, n))`), which fixes the stream. Seeds without
+    queries are skipped.
+    """
+    seeds = [[np.asarray(c, dtype=np.float64).reshape(-1) for c in cols] for cols in columns_by_seed]
+    for cols in seeds:
+        if len({c.size for c in cols}) > 1:
+            raise ValueError(f"paired columns differ in length ({[c.size for c in cols]}): not the same queries")
+    seeds = [cols for cols in seeds if cols and cols[0].size]
+    if not seeds:
+        raise ValueError("no queries to resample")
+    k = len(seeds[0])
+    rng = np.random.default_rng(seed)
+    sums = np.zeros((k, resamples))
+    for lo in range(0, resamples, block):
+        rows = min(block, resamples - lo)
+        for cols in seeds:
+            pick = rng.integers(0, cols[0].size, (rows, cols[0].size))
+            for j, c in enumerate(cols):
+                sums[j, lo:lo + rows] += c[pick].sum(axis=1)
+    return sums
+
+
 def bootstrap_interval(diffs_by_seed: Sequence[np.ndarray], resamples: int = 10_000, seed: int = 0,
                        level: float = 0.95, block: int = 100) -> tuple[float, float, float]:
     """(mean, low, high): the mean of the pooled per-query differences and its percentile bootstrap
-    interval at `level`.
-
-    One resample draws, within each seed's queries, as many queries with replacement, pools the
-    draws of all seeds and takes their mean. The RNG is `numpy.random.default_rng(seed)`; resamples
-    are drawn `block` at a time, for each block seed by seed (`rng.integers(0, n, (rows, n))`),
-    which fixes the stream. The interval holds the `(1 - level) / 2` and `(1 + level) / 2`
-    percentiles of the resampled means (numpy's linear interpolation).
+    interval at `level`: the resampled means of `resampled_sums` (one column per seed), with the
+    `(1 - level) / 2` and `(1 + level) / 2` percentiles (numpy's linear interpolation).
     """
     diffs = [np.asarray(d, dtype=np.float64).reshape(-1) for d in diffs_by_seed]
     diffs = [d for d in diffs if d.size]
     if not diffs:
         raise ValueError("no differences to resample")
-    total = sum(d.size for d in diffs)
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for lo in range(0, resamples, block):
-        rows = min(block, resamples - lo)
-        sums = np.zeros(rows)
-        for d in diffs:
-            sums += d[rng.integers(0, d.size, (rows, d.size))].sum(axis=1)
-        means[lo:lo + rows] = sums / total
+    means = resampled_sums([[d] for d in diffs], resamples, seed, block)[0] / sum(d.size for d in diffs)
     low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(np.concatenate(diffs).mean()), float(low), float(high)
 

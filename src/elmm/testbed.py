@@ -24,7 +24,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .experiments import _changed_params, _fmt, _markdown, git_rank_reader, group_members, load_experiments, seed_groups
+from .experiments import (
+    _changed_params,
+    _fmt,
+    _markdown,
+    git_rank_reader,
+    group_members,
+    load_experiments,
+    resampled_sums,
+    seed_groups,
+)
 from .kg.synthetic import RELATIONS
 from .rank_table import DIRECTIONS
 
@@ -129,13 +138,13 @@ def headroom_table(floor_rows: list[dict]) -> list[dict]:
                  and r["ceiling"] is not None]
         if not sides:
             continue
-        gain = sum(r["n"] * (r["ceiling"] - r["model"]) for r in sides) / overall["n"]
+        n = sum(r["n"] for r in sides)
         to_kge = [r["n"] * max(0.0, r["kge"] - r["model"]) for r in sides if r["kge"] is not None]
-        share = sum(r["n"] for r in sides) / overall["n"]
-        out.append({"group": group, "share_of_queries": share, "headroom": gain,
+        out.append({"group": group, "share_of_queries": n / overall["n"],
+                    "headroom": sum(r["n"] * (r["ceiling"] - r["model"]) for r in sides) / overall["n"],
                     "headroom_to_kge": sum(to_kge) / overall["n"] if to_kge else None,
-                    "model": sum(r["n"] * r["model"] for r in sides) / sum(r["n"] for r in sides),
-                    "ceiling": sum(r["n"] * r["ceiling"] for r in sides) / sum(r["n"] for r in sides)})
+                    "model": sum(r["n"] * r["model"] for r in sides) / n,
+                    "ceiling": sum(r["n"] * r["ceiling"] for r in sides) / n})
     return out
 
 
@@ -145,29 +154,13 @@ def relative_drop_interval(default_hits: list[np.ndarray], control_hits: list[np
     runs' per-query hits on the same queries (one array pair per seed).
 
     The criterion is a ratio ("Hits@1 falls by at least 25%"), and a group's Hits@1 rests on few hits,
-    so the drop needs its own interval: one resample draws, within each seed, as many queries with
-    replacement and keeps each query's pair together (the two runs saw the same queries), pools the
-    seeds and takes the ratio. The draws follow `experiments.bootstrap_interval`'s stream. Resamples
-    without a default hit give no ratio and are left out of the percentiles.
+    so the drop needs its own interval: the two runs' hits are resampled together
+    (`experiments.resampled_sums`, the stream of `bootstrap_interval`), pooled over the seeds, and
+    each resample gives one ratio. Resamples without a default hit give no ratio and are left out.
     """
-    pairs = [(np.asarray(d, dtype=np.float64), np.asarray(c, dtype=np.float64)) for d, c in zip(default_hits, control_hits)]
-    for d, c in pairs:
-        if d.shape != c.shape:
-            raise ValueError(f"paired hits differ in length ({d.size} against {c.size}): not the same queries")
-    pairs = [(d, c) for d, c in pairs if d.size]
-    if not pairs:
-        raise ValueError("no queries to resample")
-    rng = np.random.default_rng(seed)
-    drops = np.empty(resamples)
-    for lo in range(0, resamples, block):
-        rows = min(block, resamples - lo)
-        hit_d, hit_c = np.zeros(rows), np.zeros(rows)
-        for d, c in pairs:
-            pick = rng.integers(0, d.size, (rows, d.size))
-            hit_d += d[pick].sum(axis=1)
-            hit_c += c[pick].sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            drops[lo:lo + rows] = np.where(hit_d > 0, 1.0 - hit_c / hit_d, np.nan)
+    hit_d, hit_c = resampled_sums(list(zip(default_hits, control_hits)), resamples, seed, block)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        drops = np.where(hit_d > 0, 1.0 - hit_c / hit_d, np.nan)
     low, high = np.nanpercentile(drops, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(low), float(high)
 
